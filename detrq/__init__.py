@@ -1,0 +1,1 @@
+"""detrq: output sensitivity-aware DETR quantization."""
