@@ -1,0 +1,1 @@
+"""Datasets: COCO-layout loading, transforms, sampling, and the synthetic generator."""
