@@ -1,0 +1,7 @@
+"""Entry point for ``python -m detrq``."""
+
+import sys
+
+from detrq.cli import main
+
+sys.exit(main())
