@@ -1,0 +1,236 @@
+"""Hutchinson estimates of per-layer Hessian traces, and the paper's three sensitivity objectives.
+
+``layer_traces`` is generic: any scalar loss, any named tensors. ``sensitivity`` wires it to DETR for the
+three metrics compared in the paper: the training loss (Loss Sen, Eq. (2)), the Eq. (5) distillation loss at
+float weights (Out Sen Float) and at uniform 8-bit weights (Out Sen Quant, Eq. (4)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detrq.distill import distillation_loss
+from detrq.errors import DetrqError
+from detrq.quant import quantizable_layers, quantized, uniform_bit_map
+
+METRICS = ("loss", "out-float", "out-quant")
+
+
+@dataclass
+class TraceEstimate:
+    """Hutchinson estimate of one layer's Hessian trace.
+
+    ``trace`` is the mean of the per-probe samples ``v_l . (H v)_l``, ``stderr`` its standard error
+    (sample standard deviation / sqrt(n_probes)), and ``avg_trace = trace / numel`` is the paper's averaged
+    trace Tr(H_W)/|W| used in Eq. (2) and (4).
+    """
+
+    trace: float
+    avg_trace: float
+    stderr: float
+    n_probes: int
+    numel: int
+    samples: list[float]
+
+    @classmethod
+    def from_samples(cls, samples: list[float], numel: int) -> TraceEstimate:
+        n = len(samples)
+        mean = math.fsum(samples) / n
+        var = math.fsum((s - mean) ** 2 for s in samples) / (n - 1) if n > 1 else math.inf
+        stderr = math.sqrt(var / n)
+        return cls(mean, mean / numel, stderr, n, numel, list(samples))
+
+    @property
+    def rel_stderr(self) -> float:
+        if self.stderr == 0:
+            return 0.0
+        return self.stderr / abs(self.trace) if self.trace != 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rademacher(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
+    # Drawn on the CPU generator, then moved: the same seed gives the same probes on any device.
+    v = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
+    return (2 * v - 1).to(device=like.device, dtype=like.dtype)
+
+
+def layer_traces(
+    loss_fn: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    *,
+    batches: Sequence[Any] | None = None,
+    batch_weights: Sequence[float] | None = None,
+    max_probes: int = 200,
+    min_probes: int = 10,
+    rel_tol: float = 0.05,
+    probes_per_pass: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, TraceEstimate]:
+    """Hutchinson traces of the Hessian's diagonal blocks, one block per tensor in ``params``.
+
+    Each probe is one Rademacher vector ``v`` over all tensors at once and one Hessian-vector product (double
+    backward); ``v_l . (H v)_l`` is an unbiased sample of ``Tr(H_ll)`` for every layer l at the same time,
+    because the cross-block terms ``v_l . H_lm v_m`` vanish in expectation. ``loss_fn()`` returns the scalar
+    loss; with ``batches``, ``loss_fn(batch)`` does and the Hessian is that of the weighted mean over batches
+    (``batch_weights``, default equal; pass the batch sizes to weight by samples): every batch sees the same
+    probe and its ``v.Hv`` is accumulated with its share of the weight.
+
+    Cost: each pass builds one graph per batch (forward + backward with ``create_graph``) and reuses it for
+    ``probes_per_pass`` probes, each then costing one double backward. Convergence is checked after each
+    pass: it stops once ``n >= min_probes`` and every layer's relative standard error ``stderr/|trace|`` is
+    ``<= rel_tol``, or at ``max_probes``. Probes come from a ``torch.Generator`` seeded with ``seed``: the same
+    seed and inputs give the same numbers.
+    """
+    if not params:
+        raise DetrqError("layer_traces: no parameters to trace")
+    if not 1 <= min_probes <= max_probes or probes_per_pass < 1:
+        raise DetrqError(f"need 1 <= min_probes ({min_probes}) <= max_probes ({max_probes}) and probes_per_pass >= 1")
+    names = list(params)
+    tensors = [params[n] for n in names]
+    frozen = [n for n, t in zip(names, tensors) if not t.requires_grad]
+    if frozen:
+        raise DetrqError(f"layer_traces: every traced tensor must require grad; {frozen[0]!r} does not")
+    items = [None] if batches is None else list(batches)
+    if not items:
+        raise DetrqError("layer_traces: batches is empty")
+    weights = [1.0] * len(items) if batch_weights is None else [float(w) for w in batch_weights]
+    if len(weights) != len(items) or sum(weights) <= 0:
+        raise DetrqError(f"layer_traces: need one positive weight per batch ({len(items)}), got {len(weights)}")
+    shares = [w / sum(weights) for w in weights]
+
+    generator = torch.Generator().manual_seed(seed)
+    samples: list[list[float]] = [[] for _ in names]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_probes, desc="Hutchinson probes", unit="probe")
+    while len(samples[0]) < max_probes:
+        n_new = min(probes_per_pass, max_probes - len(samples[0]))
+        probes = [[_rademacher(t.shape, generator, t) for t in tensors] for _ in range(n_new)]
+        vhv = torch.zeros(n_new, len(names), dtype=torch.float64)
+        for item, share in zip(items, shares):
+            loss = loss_fn() if batches is None else loss_fn(item)
+            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+            # A gradient without a graph does not depend on any traced tensor: its rows of H are zero.
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            for k, v in enumerate(probes):
+                hv = torch.autograd.grad([grads[i] for i in live], tensors, grad_outputs=[v[i] for i in live],
+                                         retain_graph=k < n_new - 1, allow_unused=True)
+                dots = [torch.zeros((), dtype=torch.float64) if h is None else (h * v_l).sum().double().cpu()
+                        for h, v_l in zip(hv, v)]
+                vhv[k] += share * torch.stack(dots)
+            del loss, grads
+        for k in range(n_new):
+            for i, value in enumerate(vhv[k].tolist()):
+                samples[i].append(value)
+        estimates = {n: TraceEstimate.from_samples(s, params[n].numel()) for n, s in zip(names, samples)}
+        worst = max(e.rel_stderr for e in estimates.values())
+        if bar is not None:
+            bar.update(n_new)
+            bar.set_postfix(max_rel_stderr=f"{worst:.3f}")
+        if len(samples[0]) >= min_probes and worst <= rel_tol:
+            break
+    if bar is not None:
+        bar.close()
+    return estimates
+
+
+def _weighted_training_loss(criterion: nn.Module, outputs: dict, targets: list[dict]) -> Tensor:
+    losses = criterion(outputs, targets)
+    return sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+
+
+def sensitivity(
+    model: nn.Module,
+    batches: Sequence[tuple[list[Tensor], list[dict]]],
+    metric: str,
+    *,
+    teacher_outputs: Sequence[dict] | None = None,
+    criterion: nn.Module | None = None,
+    quant_bits: int = 8,
+    layers: Iterable[str] | None = None,
+    max_probes: int = 200,
+    min_probes: int = 10,
+    rel_tol: float = 0.05,
+    probes_per_pass: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, TraceEstimate]:
+    """Per-layer Hessian traces of a DETR model for one of the paper's sensitivity metrics.
+
+    ``batches`` are ``(images, targets)`` pairs; the Hessian is that of the image-weighted mean loss.
+
+    * ``"loss"`` (Loss Sen, Eq. (2)): the weighted DETR training loss (Hungarian matching, aux losses) against
+      the ground-truth targets, at float weights. ``criterion`` defaults to ``build_criterion`` for the
+      model's number of classes.
+    * ``"out-float"`` (Out Sen Float): Eq. (5) multi-layer distillation against the float model's own
+      outputs, at float weights.
+    * ``"out-quant"`` (Out Sen Quant, Eq. (4)): Eq. (5) with the student's quantizable layers at uniform
+      ``quant_bits`` (Eq. (6)) and the float teacher; the traces are taken at that quantized point and the
+      float weights are restored exactly afterwards.
+
+    Teacher outputs are computed once per batch from the float model without grad (or passed in, one per
+    batch) and reused for every probe. ``layers`` (default: ``quantizable_layers(model)``) are the traced
+    tensors; all other parameters have ``requires_grad`` off during the estimate, so autograd builds no graph
+    for them, and their flags are restored afterwards. The model runs in eval mode (no dropout); its mode is
+    restored too.
+    """
+    if metric not in METRICS:
+        raise DetrqError(f"unknown sensitivity metric {metric!r}; choose one of {METRICS}")
+    all_params = dict(model.named_parameters())
+    names = list(quantizable_layers(model)) if layers is None else list(layers)
+    unknown = [n for n in names if n not in all_params]
+    if unknown:
+        raise DetrqError(f"layer {unknown[0]!r} is not a parameter of the model")
+    batches = list(batches)
+    if teacher_outputs is not None and len(teacher_outputs) != len(batches):
+        raise DetrqError(f"got {len(teacher_outputs)} teacher outputs for {len(batches)} batches")
+    student_bits = uniform_bit_map(model, quant_bits) if metric == "out-quant" else {}
+    if metric == "loss" and criterion is None:
+        from detrq.models.criterion import build_criterion
+
+        criterion = build_criterion(model.class_embed.out_features - 1)
+
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in all_params.items()}
+    model.eval()
+    try:
+        if metric == "loss":
+            items = batches
+
+            def loss_fn(item: tuple[list[Tensor], list[dict]]) -> Tensor:
+                images, targets = item
+                return _weighted_training_loss(criterion, model(images), targets)
+        else:
+            if teacher_outputs is None:
+                with torch.no_grad():
+                    teacher_outputs = [model(images) for images, _ in batches]
+            items = [(images, teacher) for (images, _), teacher in zip(batches, teacher_outputs)]
+
+            def loss_fn(item: tuple[list[Tensor], dict]) -> Tensor:
+                images, teacher = item
+                return distillation_loss(model(images), teacher)
+
+        for n, p in all_params.items():
+            p.requires_grad_(n in names)
+        with quantized(model, student_bits):
+            return layer_traces(
+                loss_fn, {n: all_params[n] for n in names}, batches=items,
+                batch_weights=[len(images) for images, _ in batches], max_probes=max_probes,
+                min_probes=min_probes, rel_tol=rel_tol, probes_per_pass=probes_per_pass, seed=seed,
+                progress=progress,
+            )
+    finally:
+        for n, p in all_params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)

@@ -1,0 +1,185 @@
+"""Weight quantization: the Eq. (6) quantizer, which weights count as layers, bit maps, applying them, model size.
+
+A *layer* is one weight tensor and a *bit map* is ``{parameter name: bits}``, keyed by the official DETR
+parameter names so that a map saved as JSON is readable and portable. Layers absent from a bit map stay in
+float. Applying a bit map fake-quantizes the weights in place (the stored values are exactly Eq. (6)'s
+``Q(W)``) and returns a handle that restores the original tensors bit for bit, so that many bit maps can be
+evaluated on one loaded model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detrq.errors import DetrqError
+from detrq.results import read_json, write_json_atomic
+
+# The paper keeps "the final FFN layers for the class and bounding box outputs" in float: the class head and
+# the last layer of the box MLP. The box MLP's hidden layers are ordinary FFN layers and are quantized.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("class_embed.", "bbox_embed.layers.2.")
+
+# Eq. (6) has 2^(n-1) - 1 positive levels, so n = 1 leaves no level at all (0/0): 2 bits is the minimum.
+MIN_BITS = 2
+MAX_BITS = 16
+
+
+def _check_bits(bits: Any, what: str) -> int:
+    # bool is an int subclass; True as a bit width is a bug in the caller's data, not 1 bit.
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise DetrqError(f"{what}: bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def quantize_tensor(w: Tensor, bits: int) -> Tensor:
+    """Symmetric per-tensor linear quantizer, Eq. (6).
+
+    ``Q(W) = Round[W (2^(n-1) - 1) / max|W|] * max|W| / (2^(n-1) - 1)``: the integers run from
+    ``-(2^(n-1) - 1)`` to ``2^(n-1) - 1``, i.e. at most ``2^n - 1`` distinct values. ``torch.round`` rounds
+    halves to even; exact ties have probability zero for trained weights, so the choice does not matter.
+    An all-zero tensor stays zero. The result is a new tensor in ``w``'s dtype and device.
+    """
+    _check_bits(bits, "quantize_tensor")
+    levels = 2 ** (bits - 1) - 1
+    scale = w.abs().max()
+    # A zero scale would give 0 * inf = NaN; any positive stand-in maps the all-zero tensor to zero.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w * (levels / scale)) * (scale / levels)
+
+
+def quantizable_layers(
+    model: nn.Module, *, exclude: tuple[str, ...] = DEFAULT_EXCLUDE, include_frozen: bool = False
+) -> dict[str, nn.Parameter]:
+    """The weight tensors that are quantized and get a bit width: the one policy of which weights count.
+
+    The paper quantizes "all trainable weights in the DETR model with an exception of the final FFN layers
+    for the class and bounding box outputs". Here a parameter counts when
+
+    * it is a weight tensor, i.e. has ``ndim >= 2``: Conv2d and Linear weights, nn.MultiheadAttention's
+      ``in_proj_weight`` and ``out_proj.weight``, ``input_proj`` and ``query_embed.weight`` (the learned
+      object queries are a trained weight tensor like any other, and are stored like one);
+    * it is trainable (``requires_grad``): in DETR-R50 the backbone's ``conv1`` and ``layer1`` are frozen
+      and stay in float, unless ``include_frozen``;
+    * its name does not start with a prefix in ``exclude``. The default, ``DEFAULT_EXCLUDE``, keeps the class
+      head ``class_embed`` and the last box layer ``bbox_embed.layers.2`` in float; the box MLP's hidden
+      layers ``bbox_embed.layers.0/1`` are ordinary FFN layers and are quantized.
+
+    Biases, LayerNorm parameters and FrozenBatchNorm2d buffers are 1-D or buffers and stay in float.
+    Returns ``{name: parameter}`` in ``model.named_parameters()`` order.
+    """
+    prefixes = tuple(exclude)
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if p.ndim >= 2 and (p.requires_grad or include_frozen) and not name.startswith(prefixes)
+    }
+
+
+def uniform_bit_map(model: nn.Module, bits: int) -> dict[str, int]:
+    """Every quantizable layer of ``model`` at ``bits`` (the uniform-quantization baseline)."""
+    _check_bits(bits, "uniform_bit_map")
+    return {name: bits for name in quantizable_layers(model)}
+
+
+def validate_bit_map(bit_map: Mapping[str, Any], allowed: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Check a bit map's bit widths (and its names against ``allowed`` when given); return it as a plain dict.
+
+    Raises ``DetrqError`` naming the first bad entry.
+    """
+    if not isinstance(bit_map, Mapping):
+        raise DetrqError(f"a bit map must be a mapping of layer name to bits, got {type(bit_map).__name__}")
+    for name, bits in bit_map.items():
+        if allowed is not None and name not in allowed:
+            raise DetrqError(f"bit map entry {name!r} is not a quantizable layer of this model")
+        _check_bits(bits, f"bit map entry {name!r}")
+    return dict(bit_map)
+
+
+def save_bit_map(path: str | os.PathLike, bit_map: Mapping[str, int], **meta: Any) -> Path:
+    """Write ``{"bit_map": ..., "meta": meta}`` as JSON, atomically (an earlier file survives a failure)."""
+    return write_json_atomic(path, {"bit_map": validate_bit_map(bit_map), "meta": meta})
+
+
+def load_bit_map(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, int]:
+    """Read a bit map written by ``save_bit_map``; with ``model``, its names must be quantizable layers."""
+    data = read_json(path)
+    if not isinstance(data, dict) or "bit_map" not in data:
+        raise DetrqError(f"{path} is not a bit map file: expected a JSON object with a 'bit_map' key")
+    allowed = quantizable_layers(model) if model is not None else None
+    return validate_bit_map(data["bit_map"], allowed)
+
+
+@dataclass
+class QuantizedWeights:
+    """Handle returned by ``apply_bit_map``: the quantized parameters and clones of their original values."""
+
+    params: dict[str, nn.Parameter]
+    originals: dict[str, Tensor]
+
+    def restore(self) -> None:
+        """Copy the original values back, bit for bit."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.originals[name])
+
+
+def apply_bit_map(model: nn.Module, bit_map: Mapping[str, int]) -> QuantizedWeights:
+    """Quantize ``model``'s weights in place with Eq. (6) at each layer's bits; return the restore handle.
+
+    Names may be any parameter of ``model`` (applying is mechanical; which layers *should* be quantized is
+    ``quantizable_layers``' policy), so ablations such as quantizing the heads remain possible.
+    """
+    params = dict(model.named_parameters())
+    bit_map = validate_bit_map(bit_map, params)
+    handle = QuantizedWeights({n: params[n] for n in bit_map}, {n: params[n].detach().clone() for n in bit_map})
+    with torch.no_grad():
+        for name, bits in bit_map.items():
+            params[name].copy_(quantize_tensor(params[name], bits))
+    return handle
+
+
+@contextmanager
+def quantized(model: nn.Module, bit_map: Mapping[str, int]) -> Iterator[nn.Module]:
+    """``with quantized(model, bit_map): ...`` runs the block on the quantized model, then restores it exactly."""
+    handle = apply_bit_map(model, bit_map)
+    try:
+        yield model
+    finally:
+        handle.restore()
+
+
+def quantize_model_copy(model: nn.Module, bit_map: Mapping[str, int]) -> nn.Module:
+    """A deep copy of ``model`` with ``bit_map`` applied; ``model`` itself is untouched."""
+    qmodel = copy.deepcopy(model)
+    apply_bit_map(qmodel, bit_map)
+    return qmodel
+
+
+def model_size_bits(model: nn.Module, bit_map: Mapping[str, int]) -> int:
+    """Storage of ``model`` under ``bit_map``, in bits.
+
+    Each quantized weight costs its bits plus one 32-bit float scale per quantized tensor (``max|W|``); every
+    other parameter and buffer element costs 32 bits. ``model_size_bits(model, {})`` is the float size.
+    """
+    params = dict(model.named_parameters())
+    bit_map = validate_bit_map(bit_map, params)
+    total = 0
+    for name, p in params.items():
+        total += p.numel() * bit_map[name] + 32 if name in bit_map else p.numel() * 32
+    return total + sum(b.numel() * 32 for b in model.buffers())
+
+
+def average_bits(bit_map: Mapping[str, int], numel: Mapping[str, int]) -> float:
+    """Average bit width over the quantized weight elements: ``sum(bits_i * numel_i) / sum(numel_i)``."""
+    total = sum(numel[name] for name in bit_map)
+    if total == 0:
+        raise DetrqError("average_bits: the bit map is empty or its layers have no elements")
+    return sum(bits * numel[name] for name, bits in bit_map.items()) / total
