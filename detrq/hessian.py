@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from detrq.distill import distillation_loss
 from detrq.errors import DetrqError
+from detrq.models.criterion import build_criterion, weighted_loss
 from detrq.quant import quantizable_layers, quantized, uniform_bit_map
 
 METRICS = ("loss", "out-float", "out-quant")
@@ -145,11 +146,6 @@ def layer_traces(
     return estimates
 
 
-def _weighted_training_loss(criterion: nn.Module, outputs: dict, targets: list[dict]) -> Tensor:
-    losses = criterion(outputs, targets)
-    return sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-
-
 def sensitivity(
     model: nn.Module,
     batches: Sequence[tuple[list[Tensor], list[dict]]],
@@ -172,7 +168,7 @@ def sensitivity(
 
     * ``"loss"`` (Loss Sen, Eq. (2)): the weighted DETR training loss (Hungarian matching, aux losses) against
       the ground-truth targets, at float weights. ``criterion`` defaults to ``build_criterion`` for the
-      model's number of classes.
+      model's classes and decoder layers.
     * ``"out-float"`` (Out Sen Float): Eq. (5) multi-layer distillation against the float model's own
       outputs, at float weights.
     * ``"out-quant"`` (Out Sen Quant, Eq. (4)): Eq. (5) with the student's quantizable layers at uniform
@@ -197,9 +193,7 @@ def sensitivity(
         raise DetrqError(f"got {len(teacher_outputs)} teacher outputs for {len(batches)} batches")
     student_bits = uniform_bit_map(model, quant_bits) if metric == "out-quant" else {}
     if metric == "loss" and criterion is None:
-        from detrq.models.criterion import build_criterion
-
-        criterion = build_criterion(model.class_embed.out_features - 1)
+        criterion = build_criterion(model.cfg.num_classes, model.cfg.dec_layers)
 
     was_training = model.training
     flags = {n: p.requires_grad for n, p in all_params.items()}
@@ -210,7 +204,7 @@ def sensitivity(
 
             def loss_fn(item: tuple[list[Tensor], list[dict]]) -> Tensor:
                 images, targets = item
-                return _weighted_training_loss(criterion, model(images), targets)
+                return weighted_loss(criterion(model(images), targets), criterion.weight_dict)
         else:
             if teacher_outputs is None:
                 with torch.no_grad():
