@@ -1,0 +1,126 @@
+"""Inference over a COCO-layout dataset and pycocotools bbox evaluation, as official DETR evaluates.
+
+Every prediction (no threshold, no top-k) goes to COCOeval; the returned dict holds the standard
+metrics, per-class AP and the evaluation protocol (image count, batch size, size policy, device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from detrq.data.coco import CocoDetection, collate
+from detrq.errors import DetrqError
+
+# Position of each reported metric in COCOeval.stats.
+_STATS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
+
+Postprocess = Callable[[dict[str, Tensor], Tensor], list[dict[str, Tensor]]]
+
+
+def _valid_or_none(value: float) -> float | None:
+    # pycocotools writes -1 where a metric has no ground truth (e.g. APl without large objects).
+    return None if value < 0 else float(value)
+
+
+def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, Any]:
+    """COCO bbox metrics of ``detections`` ({"image_id", "category_id", "bbox" xywh, "score"}) on ``image_ids``.
+
+    Returns AP, AP50, AP75, APs, APm, APl, AR100 as fractions and "per_class" {category id as str: AP}.
+    A metric with no ground truth to measure is None. No detections give 0 wherever ground truth exists.
+    """
+    ids = [int(i) for i in image_ids]
+    # pycocotools prints its progress; keep stdout clean for notebooks and nbval.
+    with contextlib.redirect_stdout(io.StringIO()):
+        if detections:
+            # loadRes adds keys to the dicts it gets; give it copies.
+            coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        else:
+            # loadRes cannot take an empty list; an empty result set evaluates to 0 AP instead.
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                               "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics: dict[str, Any] = {name: _valid_or_none(evaluator.stats[i]) for name, i in _STATS.items()}
+    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]; area "all", 100 dets.
+    precision = evaluator.eval["precision"]
+    per_class: dict[str, float | None] = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[str(cat_id)] = float(np.mean(p)) if p.size else None
+    metrics["per_class"] = per_class
+    return metrics
+
+
+def _default_postprocess() -> Postprocess:
+    # Imported lazily so that evaluation does not depend on the model module at import time.
+    from detrq.models.detr import postprocess
+
+    return postprocess
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: CocoDetection,
+    *,
+    batch_size: int = 2,
+    device: str | torch.device = "cpu",
+    max_images: int | None = None,
+    progress: bool = True,
+    postprocess: Postprocess | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` over ``dataset`` (the first ``max_images`` images if given) and return COCO metrics
+    plus "protocol". The model is moved to ``device`` and put in eval mode; its training flag is restored.
+    """
+    if batch_size < 1 or (max_images is not None and max_images < 1):
+        raise DetrqError(f"batch_size and max_images must be at least 1, got {batch_size} and {max_images}")
+    postprocess = postprocess or _default_postprocess()
+    indices = range(len(dataset) if max_images is None else min(max_images, len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=0,
+        collate_fn=collate,
+    )
+    was_training = model.training
+    model.to(device).eval()
+    detections: list[dict[str, Any]] = []
+    try:
+        with torch.no_grad():
+            for images, targets in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+                outputs = model([im.to(device) for im in images])
+                sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+                for target, result in zip(targets, postprocess(outputs, sizes)):
+                    boxes = result["boxes"].cpu()
+                    x0, y0, x1, y1 = boxes.unbind(-1)
+                    xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1).tolist()
+                    scores = result["scores"].cpu().tolist()
+                    labels = result["labels"].cpu().tolist()
+                    detections.extend(
+                        {"image_id": target["image_id"], "category_id": int(label), "bbox": box, "score": score}
+                        for box, score, label in zip(xywh, scores, labels)
+                    )
+    finally:
+        model.train(was_training)
+    metrics = coco_metrics(dataset.coco, detections, [dataset.ids[i] for i in indices])
+    metrics["protocol"] = {
+        "split": dataset.split,
+        "num_images": len(indices),
+        "batch_size": batch_size,
+        "transform": dataset.transform.describe(),
+        "device": str(device),
+    }
+    return metrics
