@@ -8,7 +8,8 @@ float weights (Out Sen Float) and at uniform 8-bit weights (Out Sen Quant, Eq. (
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -146,6 +147,69 @@ def layer_traces(
     return estimates
 
 
+@contextmanager
+def tracing(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, nn.Parameter]]:
+    """Eval mode (no dropout) and ``requires_grad`` on exactly ``names``; yields those parameters.
+
+    Parameters that are not traced get no graph and no gradient. The flags and the train/eval mode are
+    restored on exit.
+    """
+    all_params = dict(model.named_parameters())
+    names = list(names)
+    unknown = [n for n in names if n not in all_params]
+    if unknown:
+        raise DetrqError(f"layer {unknown[0]!r} is not a parameter of the model")
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in all_params.items()}
+    model.eval()
+    try:
+        for n, p in all_params.items():
+            p.requires_grad_(n in names)
+        yield {n: all_params[n] for n in names}
+    finally:
+        for n, p in all_params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+def sensitivity_objective(
+    model: nn.Module,
+    batches: Sequence[tuple[list[Tensor], list[dict]]],
+    metric: str,
+    *,
+    teacher_outputs: Sequence[dict] | None = None,
+    criterion: nn.Module | None = None,
+) -> tuple[Callable[[Any], Tensor], list[Any]]:
+    """The loss of one sensitivity metric as ``(loss_fn, items)``, ``loss_fn(item)`` being one batch's loss.
+
+    For ``"loss"`` the items are the ``(images, targets)`` batches and the loss is the weighted DETR training
+    loss. For ``"out-float"`` and ``"out-quant"`` the items are ``(images, teacher outputs)`` and the loss is
+    Eq. (5) against the teacher: the teacher outputs are computed here, once per batch and without grad, from
+    the model as it is now (so call this at float weights, in eval mode), unless ``teacher_outputs`` are given.
+    """
+    if metric not in METRICS:
+        raise DetrqError(f"unknown sensitivity metric {metric!r}; choose one of {METRICS}")
+    if metric == "loss":
+        crit = criterion if criterion is not None else build_criterion(model.cfg.num_classes, model.cfg.dec_layers)
+
+        def training_loss(item: tuple[list[Tensor], list[dict]]) -> Tensor:
+            images, targets = item
+            return weighted_loss(crit(model(images), targets), crit.weight_dict)
+
+        return training_loss, list(batches)
+    if teacher_outputs is None:
+        with torch.no_grad():
+            teacher_outputs = [model(images) for images, _ in batches]
+    if len(teacher_outputs) != len(batches):
+        raise DetrqError(f"got {len(teacher_outputs)} teacher outputs for {len(batches)} batches")
+
+    def output_loss(item: tuple[list[Tensor], dict]) -> Tensor:
+        images, teacher = item
+        return distillation_loss(model(images), teacher)
+
+    return output_loss, [(images, teacher) for (images, _), teacher in zip(batches, teacher_outputs)]
+
+
 def sensitivity(
     model: nn.Module,
     batches: Sequence[tuple[list[Tensor], list[dict]]],
@@ -177,54 +241,19 @@ def sensitivity(
 
     Teacher outputs are computed once per batch from the float model without grad (or passed in, one per
     batch) and reused for every probe. ``layers`` (default: ``quantizable_layers(model)``) are the traced
-    tensors; all other parameters have ``requires_grad`` off during the estimate, so autograd builds no graph
-    for them, and their flags are restored afterwards. The model runs in eval mode (no dropout); its mode is
-    restored too.
+    tensors; see ``tracing`` for the eval mode and ``requires_grad`` handling. The probe settings are
+    ``layer_traces``'.
     """
-    if metric not in METRICS:
-        raise DetrqError(f"unknown sensitivity metric {metric!r}; choose one of {METRICS}")
-    all_params = dict(model.named_parameters())
-    names = list(quantizable_layers(model)) if layers is None else list(layers)
-    unknown = [n for n in names if n not in all_params]
-    if unknown:
-        raise DetrqError(f"layer {unknown[0]!r} is not a parameter of the model")
     batches = list(batches)
-    if teacher_outputs is not None and len(teacher_outputs) != len(batches):
-        raise DetrqError(f"got {len(teacher_outputs)} teacher outputs for {len(batches)} batches")
+    names = list(quantizable_layers(model)) if layers is None else list(layers)
+    # The student is the uniformly quantized model, whichever layers are traced.
     student_bits = uniform_bit_map(model, quant_bits) if metric == "out-quant" else {}
-    if metric == "loss" and criterion is None:
-        criterion = build_criterion(model.cfg.num_classes, model.cfg.dec_layers)
-
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in all_params.items()}
-    model.eval()
-    try:
-        if metric == "loss":
-            items = batches
-
-            def loss_fn(item: tuple[list[Tensor], list[dict]]) -> Tensor:
-                images, targets = item
-                return weighted_loss(criterion(model(images), targets), criterion.weight_dict)
-        else:
-            if teacher_outputs is None:
-                with torch.no_grad():
-                    teacher_outputs = [model(images) for images, _ in batches]
-            items = [(images, teacher) for (images, _), teacher in zip(batches, teacher_outputs)]
-
-            def loss_fn(item: tuple[list[Tensor], dict]) -> Tensor:
-                images, teacher = item
-                return distillation_loss(model(images), teacher)
-
-        for n, p in all_params.items():
-            p.requires_grad_(n in names)
+    with tracing(model, names) as params:
+        loss_fn, items = sensitivity_objective(model, batches, metric, teacher_outputs=teacher_outputs,
+                                               criterion=criterion)
         with quantized(model, student_bits):
             return layer_traces(
-                loss_fn, {n: all_params[n] for n in names}, batches=items,
-                batch_weights=[len(images) for images, _ in batches], max_probes=max_probes,
-                min_probes=min_probes, rel_tol=rel_tol, probes_per_pass=probes_per_pass, seed=seed,
-                progress=progress,
+                loss_fn, params, batches=items, batch_weights=[len(images) for images, _ in batches],
+                max_probes=max_probes, min_probes=min_probes, rel_tol=rel_tol, probes_per_pass=probes_per_pass,
+                seed=seed, progress=progress,
             )
-    finally:
-        for n, p in all_params.items():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
