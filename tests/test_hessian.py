@@ -86,6 +86,8 @@ def test_unused_tensor_has_zero_trace_and_frozen_tensor_is_refused():
     est = layer_traces(lambda: loss(params), {**params, "unused": unused}, max_probes=3, min_probes=3)
     assert est["unused"].trace == 0 and est["unused"].stderr == 0
     assert set(est["unused"].to_dict()) == {"trace", "avg_trace", "stderr", "n_probes", "numel", "samples"}
+    linear = layer_traces(lambda: params["w1"].sum(), params, max_probes=2, min_probes=2)
+    assert all(e.samples == [0.0, 0.0] for e in linear.values())
     with pytest.raises(DetrqError, match="'frozen'"):
         layer_traces(lambda: loss(params), {"frozen": torch.ones(2)})
 
