@@ -200,6 +200,9 @@ def sensitivity_objective(
 
         return training_loss, list(batches)
     if teacher_outputs is None:
+        # nn.MultiheadAttention's inference fast path (taken only without grad) would make the teacher's
+        # kernels differ from the student's; DETR's attention is sequence-first, which never takes it, so at
+        # float weights the student reproduces the teacher exactly and Eq. (5) is exactly 0 (tested).
         with torch.no_grad():
             teacher_outputs = [model(images) for images, _ in batches]
     if len(teacher_outputs) != len(batches):
