@@ -60,64 +60,81 @@ def cmd_train(args: argparse.Namespace) -> None:
     _print_metrics(sidecar["val_metrics"])
 
 
-def load_model_and_data(preset: str, checkpoint: str | None, coco: str | None, split: str | None,
-                        max_images: int | None, device: str = "cpu"):
-    """The model with its checkpoint loaded and the evaluation dataset, with the embedded defaults filled in."""
-    from detrq.data.coco import CocoDetection, EvalTransform
-    from detrq.models.detr import build_detr, load_checkpoint
-
-    if preset == "mini":
-        checkpoint = checkpoint or str(EMBEDDED["checkpoint"])
-        coco = coco or str(ensure_embedded_data(EMBEDDED["data"]))
-        split = split or "val"
-    elif checkpoint is None or coco is None:
-        raise DetrqError(f"preset {preset!r} needs --checkpoint FILE and --coco DIR (only 'mini' has defaults)")
-    split = split or "val2017"
-    model = build_detr(preset)
-    load_checkpoint(model, checkpoint)
-    model.to(device).eval()
-    cfg = model.cfg
-    dataset = CocoDetection(coco, split, EvalTransform(cfg.min_size, cfg.max_size), max_images=max_images)
-    return model, dataset, checkpoint
+def _resolve(args: argparse.Namespace, default_split: str) -> tuple[str, str, str]:
+    """Checkpoint, data root and split, with the embedded default's filled in for the mini preset."""
+    if args.preset == "mini":
+        checkpoint = args.checkpoint or str(EMBEDDED["checkpoint"])
+        coco = args.coco or str(ensure_embedded_data(EMBEDDED["data"]))
+        return checkpoint, coco, args.split or default_split
+    if args.checkpoint is None or args.coco is None:
+        raise DetrqError(f"preset {args.preset!r} needs --checkpoint FILE and --coco DIR (only 'mini' has defaults)")
+    return args.checkpoint, args.coco, args.split or f"{default_split}2017"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from detrq.cache import cache_key, load_cached
-    from detrq.evaluate import evaluate
-    from detrq.quant import load_bit_map, quantized, uniform_bit_map
-    from detrq.results import environment, sha256_file, write_json_atomic
+    from detrq.pipeline import eval_dataset, load_model, run_evaluation
+    from detrq.quant import load_bit_map, uniform_bit_map
 
     if args.bits is not None and args.bit_map is not None:
         raise DetrqError("give --bits or --bit-map, not both")
-    model, dataset, checkpoint = load_model_and_data(args.preset, args.checkpoint, args.coco, args.split,
-                                                     args.max_images, args.device)
+    checkpoint, coco, split = _resolve(args, "val")
+    model, sha = load_model(args.preset, checkpoint, args.device)
+    dataset = eval_dataset(model, coco, split, max_images=args.max_images)
     if args.bit_map:
         bit_map = load_bit_map(args.bit_map, model)
-    elif args.bits is not None:
-        bit_map = uniform_bit_map(model, args.bits)
     else:
-        bit_map = {}
-    ckpt_sha = sha256_file(checkpoint)
-    key = cache_key(kind="evaluate", checkpoint=ckpt_sha, preset=args.preset,
-                    annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
-                    split=dataset.split, images=dataset.ids, batch_size=args.batch_size,
-                    transform=dataset.transform.describe(), bit_map=bit_map)
-    cached = load_cached(args.out, key) if args.out else None
-    if cached is not None:
-        print(f"(cached: {args.out})", file=sys.stderr)
-        _print_metrics(cached["metrics"])
-        return
-    with quantized(model, bit_map):
-        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device,
-                           progress=not args.quiet)
-    _print_metrics(metrics)
+        bit_map = uniform_bit_map(model, args.bits) if args.bits is not None else {}
+    result = run_evaluation(model, sha, dataset, bit_map, args.out, batch_size=args.batch_size,
+                            device=args.device, progress=not args.quiet)
+    _print_metrics(result["metrics"])
     if args.out:
-        write_json_atomic(args.out, {
-            "cache_key": key, "metrics": {k: v for k, v in metrics.items() if k != "protocol"},
-            "protocol": metrics["protocol"], "preset": args.preset, "checkpoint": str(checkpoint),
-            "checkpoint_sha256": ckpt_sha, "bit_map": bit_map, "environment": environment(),
-        })
-        print(f"wrote {args.out}", file=sys.stderr)
+        print(f"results in {args.out}", file=sys.stderr)
+
+
+def cmd_traces(args: argparse.Namespace) -> None:
+    from detrq.pipeline import TraceSettings, load_model, run_traces
+
+    checkpoint, coco, split = _resolve(args, "train")
+    model, sha = load_model(args.preset, checkpoint, args.device)
+    settings = TraceSettings(num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
+                             max_probes=args.max_probes, min_probes=args.min_probes, rel_tol=args.rel_tol,
+                             seed=args.seed)
+    out = args.out or f"results/traces_{args.metric}.json"
+    result = run_traces(model, sha, coco, split, args.metric, out, settings, device=args.device,
+                        progress=not args.quiet)
+    worst = max(v["stderr"] / abs(v["trace"]) if v["trace"] else float("inf") for v in result["layers"].values())
+    probes = max(v["n_probes"] for v in result["layers"].values())
+    print(f"{len(result['layers'])} layers, {probes} probes, worst relative stderr {worst:.3f}; wrote {out}")
+
+
+def cmd_allocate(args: argparse.Namespace) -> None:
+    from detrq.ilp import paper_bits_range, parse_bits_range
+    from detrq.pipeline import load_model, run_allocation
+    from detrq.results import read_json
+
+    traces = read_json(args.traces)
+    checkpoint = args.checkpoint or (str(EMBEDDED["checkpoint"]) if args.preset == "mini" else None)
+    if checkpoint is None:
+        raise DetrqError(f"preset {args.preset!r} needs --checkpoint FILE")
+    model, sha = load_model(args.preset, checkpoint)
+    if traces.get("checkpoint_sha256") not in (None, sha):
+        raise DetrqError(f"{args.traces} was computed for another checkpoint (sha256 "
+                         f"{traces['checkpoint_sha256'][:12]}, this one {sha[:12]})")
+    bits = parse_bits_range(args.bits) if args.bits else paper_bits_range(args.avg_bits)
+    out = args.out or f"results/bitmap_{traces['metric']}_{args.avg_bits:g}bit.json"
+    result = run_allocation(model, traces, args.avg_bits, bits, out, time_limit=args.time_limit)
+    print(f"{result['metric']}: average {result['avg_bits']:.3f} bits (target {args.avg_bits:g}, range "
+          f"{bits.start}-{bits.stop - 1}), objective {result['objective']:.4g}; wrote {out}")
+
+
+def _add_model_args(s: argparse.ArgumentParser, split_help: str) -> None:
+    s.add_argument("--preset", default="mini", help="model preset: mini (embedded default) or r50 (default: "
+                                                    "%(default)s)")
+    s.add_argument("--checkpoint", help="checkpoint file (default for mini: the committed one)")
+    s.add_argument("--coco", help="COCO-layout root (default for mini: the synthetic set, generated if missing)")
+    s.add_argument("--split", help=split_help)
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,19 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="COCO mAP of a checkpoint, optionally with quantized weights")
-    s.add_argument("--preset", default="mini", help="model preset: mini (embedded default) or r50 (default: "
-                                                    "%(default)s)")
-    s.add_argument("--checkpoint", help="checkpoint file (default for mini: the committed one)")
-    s.add_argument("--coco", help="COCO-layout root (default for mini: the synthetic set, generated if missing)")
-    s.add_argument("--split", help="split name (default: val for mini, val2017 otherwise)")
+    _add_model_args(s, "split name (default: val for mini, val2017 otherwise)")
     s.add_argument("--max-images", type=int, help="evaluate the first N images only")
     s.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     s.add_argument("--bits", type=int, help="quantize every quantizable layer to N bits with Eq. (6)")
     s.add_argument("--bit-map", help="bit-map JSON {layer: bits} to apply before evaluating")
     s.add_argument("--out", help="write the metrics and protocol as JSON here (reused if inputs are unchanged)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("traces", help="per-layer Hutchinson Hessian traces for one sensitivity metric")
+    _add_model_args(s, "split the Hessian images come from (default: train for mini, train2017 otherwise)")
+    s.add_argument("--metric", required=True, choices=["loss", "out-float", "out-quant"],
+                   help="loss: training loss (Loss Sen); out-float / out-quant: Eq. (5) at float / 8-bit weights")
+    s.add_argument("--num-images", type=int, default=100, help="class-balanced Hessian images (default: %(default)s)")
+    s.add_argument("--image-seed", type=int, default=0, help="seed of the image sample (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=10, help="images per HVP batch (default: %(default)s)")
+    s.add_argument("--max-probes", type=int, default=100, help="default: %(default)s")
+    s.add_argument("--min-probes", type=int, default=20, help="default: %(default)s")
+    s.add_argument("--rel-tol", type=float, default=0.05,
+                   help="stop when every layer's relative stderr is below this (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="probe seed (default: %(default)s)")
+    s.add_argument("--out", help="default: results/traces_<metric>.json")
+    s.set_defaults(func=cmd_traces)
+
+    s = sub.add_parser("allocate", help="ILP bit allocation from a traces file (Eq. (2) / (4))")
+    s.add_argument("--traces", required=True, help="a results/traces_<metric>.json file")
+    s.add_argument("--avg-bits", type=float, required=True, help="average bits over the quantized weights")
+    s.add_argument("--bits", help="per-layer range LO-HI (default: the paper's, 3-6 up to 5 bits, else 4-7)")
+    s.add_argument("--preset", default="mini", help="model preset (default: %(default)s)")
+    s.add_argument("--checkpoint", help="the checkpoint the traces were taken on (default for mini: committed)")
+    s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
+    s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
+    s.set_defaults(func=cmd_allocate)
     return p
 
 
