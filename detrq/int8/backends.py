@@ -1,0 +1,107 @@
+"""The PyTorch int8 backends behind ``quantize_int8``: FX graph mode (torch.ao) and PT2E (torch.export + torchao).
+
+Both quantize to x86 (fbgemm/oneDNN) int8: per-channel symmetric weights, per-tensor affine activations.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from detrq.int8.quantize import Backend
+
+
+def fx_backend() -> Backend:
+    """FX graph mode with ``get_default_qconfig_mapping("x86")``: conv-bn-relu and linear-relu fused, int8
+    kernels from fbgemm in eager mode. torch.ao marks FX as deprecated, but it is present and fast."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    mapping = get_default_qconfig_mapping("x86")
+
+    def prepare(module: nn.Module, example: tuple) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation notice, once per call
+            return prepare_fx(module.eval(), mapping, example_inputs=example)
+
+    def convert(module: nn.Module) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_fx(module)
+
+    return Backend(prepare, convert)
+
+
+class _UntiedBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with a second ReLU module for the output: the stock block calls ``self.relu``
+    twice, and X86InductorQuantizer then sees one module feeding two patterns and mis-annotates the graph."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu_out(out + identity)
+
+
+class _UntiedBottleneck(Bottleneck):
+    """torchvision's Bottleneck with separate ReLU modules (see ``_UntiedBasicBlock``)."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu_mid(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu_out(out + identity)
+
+
+def untie_relus(model: nn.Module) -> nn.Module:
+    """Give every ReLU use in torchvision ResNet blocks its own module, in place (same function, same weights)."""
+    for m in model.modules():
+        if type(m) is BasicBlock:
+            m.__class__ = _UntiedBasicBlock
+            m.relu_out = nn.ReLU(inplace=True)
+        elif type(m) is Bottleneck:
+            m.__class__ = _UntiedBottleneck
+            m.relu_mid, m.relu_out = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+    return model
+
+
+def _drop_unused_float_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """convert_pt2e folds int8 weights into new constants but leaves the float parameters attached; delete the
+    ones no graph node reads any more, so the module holds (and serializes) only the int8 copies."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used and not any(u.startswith(name + ".") for u in used):
+            parent, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(parent)
+            owner._parameters.pop(leaf, None)
+            owner._buffers.pop(leaf, None)
+    return gm
+
+
+def pt2e_backend() -> Backend:
+    """torch.export (batch dimension dynamic) + ``prepare_pt2e/convert_pt2e`` with ``X86InductorQuantizer``.
+
+    The converted graph holds int8 weights and explicit quantize/dequantize ops; eager execution runs them as
+    reference float ops, so it is accurate but slow until ``torch.compile`` lowers the patterns to int8 kernels.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+
+    def prepare(module: nn.Module, example: tuple) -> nn.Module:
+        untie_relus(module.eval())
+        dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example)
+        exported = torch.export.export(module, example, dynamic_shapes=dynamic).module()
+        return prepare_pt2e(exported, quantizer)
+
+    def convert(module: nn.Module) -> nn.Module:
+        return _drop_unused_float_weights(convert_pt2e(module))
+
+    return Backend(prepare, convert)

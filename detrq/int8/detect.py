@@ -1,0 +1,120 @@
+"""Inference of torchvision-style detectors over the COCO-layout dataset, scored with the shared
+``detrq.evaluate.coco_metrics`` (so DETR and the CNN detectors are scored identically), and per-image
+agreement between a float model's and its int8 twin's detections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from detrq.data.coco import CocoDetection, collate
+from detrq.errors import DetrqError
+from detrq.evaluate import coco_metrics
+
+Detections = list[dict[str, Tensor]]  # per image: boxes [N, 4] xyxy in original pixels, scores [N], labels [N]
+
+
+def run_detector(model: nn.Module | Callable, dataset: CocoDetection, *, max_images: int | None = None,
+                 batch_size: int = 8, progress: bool = False) -> Detections:
+    """Every detection of ``model`` on the first ``max_images`` images, boxes rescaled to the original image
+    size (the dataset's transform may have resized it). ``model`` takes a list of [0, 1] images."""
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if n < 1:
+        raise DetrqError("run_detector got no images; pass a non-empty dataset and max_images >= 1")
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
+                                         collate_fn=collate)
+    if isinstance(model, nn.Module):
+        model.eval()
+    out: Detections = []
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc="detect", unit="batch", disable=not progress):
+            for t, det in zip(targets, model(images)):
+                (h, w), (oh, ow) = t["size"].tolist(), t["orig_size"].tolist()
+                scale = torch.tensor([ow / w, oh / h, ow / w, oh / h])
+                out.append({"boxes": det["boxes"].float() * scale, "scores": det["scores"].float(),
+                            "labels": det["labels"]})
+    return out
+
+
+def coco_detections(dataset: CocoDetection, detections: Detections) -> list[dict[str, Any]]:
+    """``run_detector`` output as COCO result records (xywh boxes), for ``coco_metrics``."""
+    records = []
+    for image_id, det in zip(dataset.ids, detections):
+        x0, y0, x1, y1 = det["boxes"].unbind(-1)
+        xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1).tolist()
+        records.extend({"image_id": image_id, "category_id": int(c), "bbox": b, "score": float(s)}
+                       for b, s, c in zip(xywh, det["scores"].tolist(), det["labels"].tolist()))
+    return records
+
+
+def evaluate_detector(model: nn.Module | Callable, dataset: CocoDetection, *, max_images: int | None = None,
+                      batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """COCO metrics (fractions, via ``coco_metrics``) and the raw detections of ``model`` on ``dataset``."""
+    detections = run_detector(model, dataset, max_images=max_images, batch_size=batch_size, progress=progress)
+    metrics = coco_metrics(dataset.coco, coco_detections(dataset, detections), dataset.ids[:len(detections)])
+    metrics["protocol"] = {"split": dataset.split, "num_images": len(detections), "batch_size": batch_size,
+                           "transform": dataset.transform.describe()}
+    return {"metrics": metrics, "detections": detections}
+
+
+@dataclass
+class ImageAgreement:
+    """How far one image's int8 detections are from the float model's (0 everywhere = identical)."""
+
+    mismatch: float  # 1 - F1 of same-label matches at IoU >= iou_thr between the confident detection sets
+    box_rel_error: float  # matched pairs: sum |box_int8 - box_float| / box_float perimeter, averaged
+    score_rel_error: float  # matched pairs: |score_int8 - score_float| / score_float, averaged
+
+
+def _agreement(f: dict[str, Tensor], q: dict[str, Tensor], score_thr: float, iou_thr: float) -> ImageAgreement:
+    fk, qk = f["scores"] >= score_thr, q["scores"] >= score_thr
+    fb, fs, fl = f["boxes"][fk], f["scores"][fk], f["labels"][fk]
+    qb, qs, ql = q["boxes"][qk], q["scores"][qk], q["labels"][qk]
+    if len(fb) == 0 and len(qb) == 0:
+        return ImageAgreement(0.0, 0.0, 0.0)
+    iou = box_iou(fb, qb) * (fl[:, None] == ql[None, :])
+    pairs: list[tuple[int, int]] = []
+    # Greedy matching from the most confident float detection, as COCO evaluation matches.
+    for i in torch.argsort(fs, descending=True).tolist():
+        if iou.shape[1] == 0:
+            break
+        j = int(iou[i].argmax())
+        if iou[i, j] >= iou_thr:
+            pairs.append((i, j))
+            iou[:, j] = -1
+    f1 = 2 * len(pairs) / (len(fb) + len(qb))
+    if not pairs:
+        return ImageAgreement(1.0 - f1, float("nan"), float("nan"))
+    i, j = map(list, zip(*pairs))
+    wh = fb[i, 2:] - fb[i, :2]
+    box = ((qb[j] - fb[i]).abs().sum(-1) / (2 * wh.sum(-1)).clamp(min=1e-6)).mean()
+    score = ((qs[j] - fs[i]).abs() / fs[i]).mean()
+    return ImageAgreement(1.0 - f1, float(box), float(score))
+
+
+def detection_agreement(float_dets: Detections, int8_dets: Detections, *, score_thr: float = 0.5,
+                        iou_thr: float = 0.5) -> dict[str, Any]:
+    """Per-image relative error of the int8 detections against the float ones, with mean and std over images.
+
+    Only detections scoring at least ``score_thr`` count (those a user would keep). Box and score errors
+    average over the images that have at least one matched pair.
+    """
+    if len(float_dets) != len(int8_dets) or not float_dets:
+        raise DetrqError(f"detection_agreement needs two equally long, non-empty lists, got {len(float_dets)} "
+                         f"and {len(int8_dets)}")
+    per_image = [_agreement(f, q, score_thr, iou_thr) for f, q in zip(float_dets, int8_dets)]
+    summary: dict[str, Any] = {"score_thr": score_thr, "iou_thr": iou_thr, "num_images": len(per_image)}
+    for key in ("mismatch", "box_rel_error", "score_rel_error"):
+        v = np.array([getattr(a, key) for a in per_image], dtype=np.float64)
+        v = v[~np.isnan(v)]
+        summary[key] = {"mean": float(v.mean()) if v.size else None, "std": float(v.std()) if v.size else None,
+                        "max": float(v.max()) if v.size else None, "num_images": int(v.size)}
+    return summary

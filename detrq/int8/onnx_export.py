@@ -1,0 +1,134 @@
+"""ONNX export and onnxruntime execution of model parts, and the "onnxruntime" int8 backend.
+
+``export_onnx`` writes a module to ONNX (the dynamo exporter, batch dimension dynamic) and ``OrtModule`` runs
+such a graph in onnxruntime behind an ``nn.Module`` interface that takes and returns torch tensors in the same
+structure (a dict of FPN levels stays a dict), so an ORT part can be dropped into a torchvision detector in place
+of the PyTorch part. The ONNX bytes are the module's one buffer: its serialized size is the graph's size.
+The int8 backend exports the float part, calibrates on the inputs the part received during calibration and
+runs ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel int8 weights, uint8 activations).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from detrq.errors import DetrqError
+from detrq.int8.quantize import Backend
+
+
+def export_onnx(module: nn.Module, example: tuple[Tensor, ...]) -> bytes:
+    """``module`` (eval mode) as ONNX bytes, with dim 0 of every input dynamic (batch, or the RoI count)."""
+    module.eval()
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic, verbose=False,
+                                    external_data=False)
+    if program is None:
+        raise DetrqError(f"ONNX export of {type(module).__name__} produced nothing")
+    buf = io.BytesIO()
+    program.save(buf)
+    return buf.getvalue()
+
+
+class OrtModule(nn.Module):
+    """An ONNX graph run by onnxruntime on CPU, called like the PyTorch module it was exported from.
+
+    ``out_spec`` is the pytree structure of the original module's output; ORT's flat outputs are put back into
+    it. Threads follow ``torch.get_num_threads()`` at session creation, for a like-for-like comparison.
+    """
+
+    def __init__(self, onnx_bytes: bytes, out_spec: str) -> None:
+        super().__init__()
+        self.register_buffer("onnx_model", torch.frombuffer(bytearray(onnx_bytes), dtype=torch.uint8))
+        self.out_spec = out_spec
+        self._session = None
+
+    def __getstate__(self):
+        # An InferenceSession cannot be pickled; it is rebuilt from the ONNX bytes on first use.
+        return {**self.__dict__, "_session": None}
+
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
+            self._session = ort.InferenceSession(self.onnx_model.numpy().tobytes(), opts,
+                                                 providers=["CPUExecutionProvider"])
+        return self._session
+
+    def forward(self, *args: Tensor):
+        sess = self.session()
+        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
+        outputs = [torch.from_numpy(o) for o in sess.run(None, feeds)]
+        return pytree.tree_unflatten(outputs, pytree.treespec_loads(self.out_spec))
+
+
+def to_ort(module: nn.Module, example: tuple[Tensor, ...]) -> OrtModule:
+    """The float ``module`` exported to ONNX and wrapped for onnxruntime."""
+    with torch.no_grad():
+        _, spec = pytree.tree_flatten(module(*example))
+    return OrtModule(export_onnx(module, example), pytree.treespec_dumps(spec))
+
+
+class _InputRecorder(nn.Module):
+    """Runs the float module and keeps every input it gets, for onnxruntime's calibration afterwards."""
+
+    def __init__(self, module: nn.Module, example: tuple[Tensor, ...]) -> None:
+        super().__init__()
+        self.module = module
+        self.example = example
+        self.seen: list[tuple[np.ndarray, ...]] = []
+
+    def forward(self, *args: Tensor):
+        self.seen.append(tuple(a.detach().cpu().numpy() for a in args))
+        return self.module(*args)
+
+
+def quantize_ort(module: nn.Module, example: tuple[Tensor, ...], calibration: list[tuple[np.ndarray, ...]]
+                 ) -> OrtModule:
+    """``module`` exported to ONNX and statically quantized by onnxruntime (QDQ, per-channel, MinMax)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise DetrqError("the calibration set is empty; pass at least one image")
+    float_model = to_ort(module, example)
+    names = [i.name for i in float_model.session().get_inputs()]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else dict(zip(names, item))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(float_model.onnx_model.numpy().tobytes())
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return OrtModule(dst.read_bytes(), float_model.out_spec)
+
+
+def ort_backend() -> Backend:
+    """The "onnxruntime" backend of ``quantize_int8``."""
+
+    def prepare(module: nn.Module, example: tuple) -> nn.Module:
+        return _InputRecorder(module.eval(), example)
+
+    def convert(recorder: nn.Module) -> nn.Module:
+        return quantize_ort(recorder.module, recorder.example, recorder.seen)
+
+    return Backend(prepare, convert)

@@ -1,0 +1,161 @@
+"""The one entry point of INT8 post-training quantization: ``quantize_int8(model, calib_images, backend)``.
+
+What gets quantized (``quantization_plan``):
+- a torchvision detector (anything with a CNN ``backbone`` and a ``transform``: Faster/Mask/Keypoint R-CNN,
+  RetinaNet, FCOS, SSD): the backbone with its FPN, and for two-stage models the box head's FC layers
+  (``roi_heads.box_head``, TwoMLPHead fc6/fc7), where nearly all the weights and FLOPs are;
+- a plain CNN (a module with Conv2d layers and no ``backbone``): the whole model.
+The rest of a detector stays float, for two reasons. The RPN (anchor decoding, top-k, NMS), RoI pooling
+(MultiScaleRoIAlign picks a level per box) and the post-processing are data-dependent control flow over boxes,
+and they have no int8 kernels: quantizing them would only add quantize/dequantize pairs. The final box predictor
+(class logits and box regressors) is tiny but the most sensitive layer, as the DETR-quantization paper keeps its
+class and box heads in float: its output errors go straight into the boxes and scores.
+
+Backends: "fx" (``torch.ao`` FX graph mode, x86 qconfig; the fastest in eager mode), "pt2e" (``torch.export`` +
+torchao ``prepare_pt2e/convert_pt2e`` with ``X86InductorQuantizer``; needs ``torch.compile`` to be fast), and
+"onnxruntime" (each part exported to ONNX and quantized with ``quantize_static``, QDQ, per-channel weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detrq.errors import DetrqError
+
+BACKENDS = ("fx", "pt2e", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """Which submodules (dotted paths; "" is the whole model) get int8, and how the model takes a batch."""
+
+    kind: str  # "detector" (takes a list of [C, H, W] images) or "classifier" (takes a [N, C, H, W] batch)
+    targets: tuple[str, ...]
+
+
+def _has(module: nn.Module, kind: type) -> bool:
+    return any(isinstance(m, kind) for m in module.modules())
+
+
+def quantization_plan(model: nn.Module) -> QuantizationPlan:
+    """The parts of ``model`` that ``quantize_int8`` quantizes (see the module docstring for the policy)."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module) and hasattr(model, "transform"):
+        if not _has(backbone, nn.Conv2d):
+            raise DetrqError(f"{type(model).__name__}.backbone has no Conv2d layer; int8 PTQ here is for CNN backbones")
+        targets = ["backbone"]
+        box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+        if isinstance(box_head, nn.Module) and _has(box_head, nn.Linear):
+            targets.append("roi_heads.box_head")
+        return QuantizationPlan("detector", tuple(targets))
+    if _has(model, nn.Conv2d):
+        return QuantizationPlan("classifier", ("",))
+    raise DetrqError(f"{type(model).__name__} has no CNN backbone (no Conv2d layer); quantize_int8 takes a "
+                     "torchvision detector with a CNN backbone or a CNN classifier")
+
+
+def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every FrozenBatchNorm2d (pretrained torchvision backbones) by an eval-mode BatchNorm2d with the
+    same statistics, in place, so that the backends fuse it into the preceding conv like any BatchNorm."""
+    for name, child in model.named_children():
+        if isinstance(child, FrozenBatchNorm2d):
+            bn = nn.BatchNorm2d(child.weight.numel(), eps=child.eps).eval()
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, key).data.copy_(getattr(child, key))
+            setattr(model, name, bn)
+        else:
+            fold_frozen_batchnorm(child)
+    return model
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+def calibration_batches(plan: QuantizationPlan, images: Sequence[Tensor] | Tensor, batch_size: int) -> list:
+    """``images`` split into model inputs: lists of images for a detector, stacked tensors for a classifier."""
+    if len(images) == 0:
+        raise DetrqError("the calibration set is empty; pass at least one image")
+    images = list(images)
+    chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    return chunks if plan.kind == "detector" else [torch.stack(c) for c in chunks]
+
+
+def capture_inputs(model: nn.Module, targets: Sequence[str], batch) -> dict[str, tuple]:
+    """The positional inputs each target submodule receives when ``model`` runs on ``batch``."""
+    if targets == ("",):
+        return {"": (batch,)}
+    seen: dict[str, tuple] = {}
+    hooks = [model.get_submodule(t).register_forward_pre_hook(
+        lambda _m, args, t=t: seen.setdefault(t, tuple(a.detach() for a in args))) for t in targets]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [t for t in targets if t not in seen]
+    if missing:
+        raise DetrqError(f"{missing} never ran on the calibration images; is the model in eval mode?")
+    return seen
+
+
+@dataclass(frozen=True)
+class Backend:
+    """prepare(float module, example inputs) -> observed module; convert(observed module) -> int8 module."""
+
+    prepare: Callable[[nn.Module, tuple], nn.Module]
+    convert: Callable[[nn.Module], nn.Module]
+
+
+def _backend(name: str) -> Backend:
+    # Imported on demand: each backend pulls in a different stack (torch.ao, torchao, onnxruntime).
+    if name == "fx":
+        from detrq.int8.backends import fx_backend
+
+        return fx_backend()
+    if name == "pt2e":
+        from detrq.int8.backends import pt2e_backend
+
+        return pt2e_backend()
+    if name == "onnxruntime":
+        from detrq.int8.onnx_export import ort_backend
+
+        return ort_backend()
+    raise DetrqError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+
+
+def quantize_int8(model: nn.Module, calib_images: Sequence[Tensor] | Tensor, backend: str = "fx", *,
+                  batch_size: int = 8) -> nn.Module:
+    """An int8 copy of ``model`` calibrated on ``calib_images`` ([C, H, W] images, [0, 1] for detectors).
+
+    The float model is left untouched. The copy takes the same inputs and returns the same structure, so the
+    same evaluation code scores it. Activations are calibrated with min/max (histogram for fx's default x86
+    qconfig) observers over all calibration images, in batches of ``batch_size``.
+    """
+    backend_impl = _backend(backend)
+    plan = quantization_plan(model)
+    batches = calibration_batches(plan, calib_images, batch_size)
+    qmodel = fold_frozen_batchnorm(copy.deepcopy(model)).eval()
+    examples = capture_inputs(qmodel, plan.targets, batches[0])
+    prepared = {t: backend_impl.prepare(qmodel.get_submodule(t), examples[t]) for t in plan.targets}
+    if plan.targets == ("",):
+        qmodel = prepared[""]
+    else:
+        for t, m in prepared.items():
+            _set_submodule(qmodel, t, m)
+    with torch.no_grad():
+        for batch in batches:
+            qmodel(batch)
+    if plan.targets == ("",):
+        return backend_impl.convert(qmodel)
+    for t, m in prepared.items():
+        _set_submodule(qmodel, t, backend_impl.convert(m))
+    return qmodel
