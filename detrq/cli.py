@@ -197,7 +197,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
     s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
     s.set_defaults(func=cmd_allocate)
+
+    s = sub.add_parser("int8", help="INT8 PTQ of the CNN detector (Faster R-CNN): size, latency, memory, mAP")
+    s.add_argument("--backend", default="fx", choices=["fx", "pt2e", "onnxruntime"], help="default: %(default)s")
+    s.add_argument("--checkpoint", help="Faster R-CNN checkpoint (default: checkpoints/frcnn_narrow.pth)")
+    s.add_argument("--calib-images", type=int, default=32, help="train images to calibrate on (default: %(default)s)")
+    s.add_argument("--eval-images", type=int, help="evaluate on the first N val images only")
+    s.add_argument("--batch-sizes", default="1,2,4,32,64", help="peak-memory batch sizes (default: %(default)s)")
+    s.add_argument("--figures", help="write the activation figures (fx backend) to this directory")
+    s.add_argument("--out", help="default: results/int8_frcnn_<name>_<backend>.json")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_int8)
     return p
+
+
+def cmd_int8(args: argparse.Namespace) -> None:
+    from detrq.int8.workflow import Int8RunConfig, run_int8
+
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise DetrqError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
+    cfg = Int8RunConfig(backend=args.backend, calib_images=args.calib_images, eval_images=args.eval_images,
+                        batch_sizes=batch_sizes, figures=args.figures, out=args.out)
+    if args.checkpoint:
+        cfg.checkpoint = args.checkpoint
+    r = run_int8(cfg, progress=not args.quiet)
+    mem = r["peak_memory_mb"]
+    print(f"{r['model']} {r['backend']}: size {r['size_reduction']:.1%} smaller, latency x{r['latency_ratio']:.2f}, "
+          f"AP {r['AP_float']:.4f} -> {r['AP_int8']:.4f}; peak RSS MB float/int8 "
+          + " ".join(f"b{b}:{mem['float'][b]:.0f}/{mem['int8'][b]:.0f}" for b in mem["float"]))
 
 
 def main(argv: list[str] | None = None) -> int:

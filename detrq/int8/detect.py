@@ -74,30 +74,50 @@ class ImageAgreement:
     score_rel_error: float  # matched pairs: |score_int8 - score_float| / score_float, averaged
 
 
-def _agreement(f: dict[str, Tensor], q: dict[str, Tensor], score_thr: float, iou_thr: float) -> ImageAgreement:
-    fk, qk = f["scores"] >= score_thr, q["scores"] >= score_thr
-    fb, fs, fl = f["boxes"][fk], f["scores"][fk], f["labels"][fk]
-    qb, qs, ql = q["boxes"][qk], q["scores"][qk], q["labels"][qk]
-    if len(fb) == 0 and len(qb) == 0:
-        return ImageAgreement(0.0, 0.0, 0.0)
-    iou = box_iou(fb, qb) * (fl[:, None] == ql[None, :])
-    pairs: list[tuple[int, int]] = []
-    # Greedy matching from the most confident float detection, as COCO evaluation matches.
-    for i in torch.argsort(fs, descending=True).tolist():
-        if iou.shape[1] == 0:
-            break
+def match_detections(f: dict[str, Tensor], q: dict[str, Tensor], iou_thr: float) -> list[tuple[int, int]]:
+    """Greedy one-to-one pairs (float index, int8 index) of same-label detections with IoU >= ``iou_thr``,
+    the most confident float detection first, as COCO evaluation matches."""
+    if len(f["boxes"]) == 0 or len(q["boxes"]) == 0:
+        return []
+    iou = box_iou(f["boxes"], q["boxes"]) * (f["labels"][:, None] == q["labels"][None, :])
+    pairs = []
+    for i in torch.argsort(f["scores"], descending=True).tolist():
         j = int(iou[i].argmax())
         if iou[i, j] >= iou_thr:
             pairs.append((i, j))
             iou[:, j] = -1
-    f1 = 2 * len(pairs) / (len(fb) + len(qb))
+    return pairs
+
+
+def _agreement(f: dict[str, Tensor], q: dict[str, Tensor], score_thr: float, iou_thr: float) -> ImageAgreement:
+    f = {k: v[f["scores"] >= score_thr] for k, v in f.items()}
+    q = {k: v[q["scores"] >= score_thr] for k, v in q.items()}
+    n = len(f["boxes"]) + len(q["boxes"])
+    if n == 0:
+        return ImageAgreement(0.0, 0.0, 0.0)
+    pairs = match_detections(f, q, iou_thr)
+    mismatch = 1.0 - 2 * len(pairs) / n
     if not pairs:
-        return ImageAgreement(1.0 - f1, float("nan"), float("nan"))
+        return ImageAgreement(mismatch, float("nan"), float("nan"))
     i, j = map(list, zip(*pairs))
-    wh = fb[i, 2:] - fb[i, :2]
-    box = ((qb[j] - fb[i]).abs().sum(-1) / (2 * wh.sum(-1)).clamp(min=1e-6)).mean()
-    score = ((qs[j] - fs[i]).abs() / fs[i]).mean()
-    return ImageAgreement(1.0 - f1, float(box), float(score))
+    fb, qb, fs, qs = f["boxes"][i], q["boxes"][j], f["scores"][i], q["scores"][j]
+    perimeter = 2 * (fb[:, 2:] - fb[:, :2]).sum(-1)
+    box = ((qb - fb).abs().sum(-1) / perimeter.clamp(min=1e-6)).mean()
+    return ImageAgreement(mismatch, float(box), float(((qs - fs).abs() / fs).mean()))
+
+
+def paired_scores(float_dets: Detections, int8_dets: Detections, iou_thr: float = 0.5
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of every float detection and of its matched int8 detection (0 where int8 has none), plus the
+    unmatched int8 detections against 0: the data of the float-vs-int8 score hexbin."""
+    fs, qs = [], []
+    for f, q in zip(float_dets, int8_dets):
+        pairs = dict(match_detections(f, q, iou_thr))
+        matched = set(pairs.values())
+        fs += f["scores"].tolist() + [0.0] * (len(q["scores"]) - len(matched))
+        qs += [float(q["scores"][pairs[i]]) if i in pairs else 0.0 for i in range(len(f["scores"]))]
+        qs += [float(s) for j, s in enumerate(q["scores"]) if j not in matched]
+    return np.asarray(fs), np.asarray(qs)
 
 
 def detection_agreement(float_dets: Detections, int8_dets: Detections, *, score_thr: float = 0.5,

@@ -132,3 +132,41 @@ def ort_backend() -> Backend:
         return quantize_ort(recorder.module, recorder.example, recorder.seen)
 
     return Backend(prepare, convert)
+
+
+def _sqnr_db(ref: Tensor, x: Tensor) -> float:
+    noise = float((ref - x).pow(2).sum())
+    return float("inf") if noise == 0 else 10 * float(torch.log10(ref.pow(2).sum() / noise))
+
+
+def onnx_report(model: nn.Module, qmodel: nn.Module, images: list[Tensor], repeats: int = 7) -> dict:
+    """For each part that the onnxruntime backend quantized (``qmodel`` holds ``OrtModule`` parts): its float
+    export run in onnxruntime and its int8 QDQ graph, timed as a pair on the inputs the part gets from
+    ``images``, and compared with the PyTorch float part (max abs difference, SQNR in dB) and ONNX sizes."""
+    from detrq.int8.measure import paired_latency
+    from detrq.int8.quantize import capture_inputs
+
+    parts = [name for name, m in qmodel.named_modules() if isinstance(m, OrtModule)]
+    if not parts:
+        raise DetrqError("onnx_report needs a model quantized with backend 'onnxruntime'")
+    inputs = capture_inputs(model, tuple(parts), images)
+    report = {}
+    for name in parts:
+        torch_part, int8_part = model.get_submodule(name), qmodel.get_submodule(name)
+        example = inputs[name]
+        float_part = to_ort(torch_part, example)
+        with torch.no_grad():
+            ref, _ = pytree.tree_flatten(torch_part(*example))
+        flat_f, _ = pytree.tree_flatten(float_part(*example))
+        flat_q, _ = pytree.tree_flatten(int8_part(*example))
+        ref_all, f_all, q_all = (torch.cat([t.flatten() for t in ts]) for ts in (ref, flat_f, flat_q))
+        lat = paired_latency(lambda: float_part(*example), lambda: int8_part(*example), repeats=repeats)
+        report[name] = {
+            "input_shapes": [list(t.shape) for t in example],
+            "onnx_bytes": {"float": float_part.onnx_model.numel(), "int8_qdq": int8_part.onnx_model.numel()},
+            "ort_latency_s": {"float": lat["float_s"], "int8": lat["int8_s"], "ratio": lat["ratio"]},
+            "ort_float_vs_torch_max_abs_diff": float((f_all - ref_all).abs().max()),
+            "ort_int8_vs_torch_sqnr_db": _sqnr_db(ref_all, q_all),
+            "ort_float_vs_torch_sqnr_db": _sqnr_db(ref_all, f_all),
+        }
+    return report
