@@ -1,0 +1,140 @@
+"""INT8 PTQ workflow: every backend on a tiny CNN, FX on a tiny Faster R-CNN, the activation-difference maths on
+hand-made model pairs, ONNX round trip, detection agreement, and the errors for unsupported input. CPU, 1 thread."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from detrq.errors import DetrqError
+from detrq.int8.activations import activation_diff, compare_layers
+from detrq.int8.data import to_torchvision
+from detrq.int8.detect import detection_agreement, paired_scores
+from detrq.int8.detector import FrcnnConfig, build_frcnn
+from detrq.int8.measure import paired_latency, serialized_size
+from detrq.int8.onnx_export import to_ort
+from detrq.int8.quantize import quantization_plan, quantize_int8
+
+torch.set_num_threads(1)
+
+
+def tiny_cnn() -> nn.Module:
+    """A classifier with a torchvision BasicBlock (its shared ReLU is what pt2e needs untied)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        BasicBlock(32, 32), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()
+
+
+def calib(n: int = 8, size: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return list(torch.rand(n, 3, size, size, generator=g))
+
+
+@pytest.mark.parametrize("backend", ["fx", "pt2e", "onnxruntime"])
+def test_each_backend_quantizes_a_cnn_classifier(backend):
+    model = tiny_cnn()
+    q = quantize_int8(model, calib(), backend, batch_size=4)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < 0.1
+    assert serialized_size(q) < 0.5 * serialized_size(model)
+    assert isinstance(model[0], nn.Conv2d), "the float model is left untouched"
+
+
+def tiny_detector() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = FrcnnConfig(stem=8, stages=(8, 16, 32, 64), fpn_channels=16, representation=64, image_size=64)
+    return build_frcnn(cfg).eval()
+
+
+def test_fx_quantizes_a_tiny_faster_rcnn():
+    model = tiny_detector()
+    assert quantization_plan(model).targets == ("backbone", "roi_heads.box_head")
+    q = quantize_int8(model, calib(4, 64), "fx", batch_size=2)
+    with torch.no_grad():
+        out = q(calib(2, 64))
+    assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+    assert out[0]["boxes"].shape[-1] == 4
+    assert type(q.rpn) is type(model.rpn) and q.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
+    assert serialized_size(q) < 0.5 * serialized_size(model)
+
+
+def test_unsupported_model_and_empty_calibration_raise():
+    with pytest.raises(DetrqError, match="no CNN backbone"):
+        quantize_int8(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.rand(4)])
+    with pytest.raises(DetrqError, match="calibration set is empty"):
+        quantize_int8(tiny_cnn(), [])
+    with pytest.raises(DetrqError, match="unknown backend"):
+        quantize_int8(tiny_cnn(), calib(), "tensorrt")
+
+
+def test_activation_diff_known_values():
+    f = torch.ones(2, 3, 4)
+    d = activation_diff("x", f, 1.1 * f)
+    assert torch.allclose(d.abs_diff_map, torch.full((3, 4), 0.1))
+    assert torch.allclose(d.rel_diff_map, torch.full((3, 4), 10.0), rtol=1e-4)
+    assert d.sqnr_db == pytest.approx(20.0, abs=1e-4)  # signal 1, noise 0.01 per element
+    assert activation_diff("same", f, f).sqnr_db == math.inf
+
+
+def test_compare_layers_on_a_conv_and_its_perturbed_twin():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 1))
+    twin = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 1))
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        twin[0].bias += 0.5  # known perturbation of the first layer only
+    x = torch.rand(1, 1, 6, 6)
+    first, second = compare_layers(model, twin, x)
+    assert (first.name, second.name) == ("0", "1")
+    assert torch.allclose(first.abs_diff_map, torch.full((6, 6), 0.5), atol=1e-6)
+    with torch.no_grad():
+        y = model[0](x)
+    assert first.sqnr_db == pytest.approx(10 * math.log10(float(y.pow(2).sum()) / (y.numel() * 0.25)), rel=1e-5)
+    # the second layer is fed the float layer's input, so the upstream perturbation does not reach it
+    assert second.sqnr_db == math.inf
+
+
+def test_onnx_round_trip_of_a_tiny_cnn():
+    model = tiny_cnn()
+    ort_model = to_ort(model, (torch.rand(2, 3, 16, 16),))
+    x = torch.rand(5, 3, 16, 16)  # another batch size: the batch dimension is dynamic
+    with torch.no_grad():
+        assert torch.allclose(ort_model(x), model(x), atol=1e-4)
+    assert serialized_size(ort_model) >= ort_model.onnx_model.numel()
+
+
+def test_to_torchvision_boxes_and_image():
+    image = torch.zeros(3, 10, 20)  # ImageNet-normalised zeros are the mean colour
+    target = {"boxes": torch.tensor([[0.5, 0.5, 0.5, 0.2]]), "size": torch.tensor([10, 20])}
+    img, t = to_torchvision(image, target)
+    assert torch.allclose(t["boxes"], torch.tensor([[5.0, 4.0, 15.0, 6.0]]))
+    assert torch.allclose(img[:, 0, 0], torch.tensor([0.485, 0.456, 0.406]))
+
+
+def test_detection_agreement_and_paired_scores():
+    f = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "scores": torch.tensor([0.9, 0.8]),
+         "labels": torch.tensor([1, 2])}
+    q = {"boxes": torch.tensor([[1.0, 0, 11, 10]]), "scores": torch.tensor([0.72]), "labels": torch.tensor([1])}
+    same = detection_agreement([f], [f])
+    assert same["mismatch"]["mean"] == 0 and same["box_rel_error"]["mean"] == 0
+    r = detection_agreement([f], [q])
+    assert r["mismatch"]["mean"] == pytest.approx(1 - 2 * 1 / 3)
+    assert r["box_rel_error"]["mean"] == pytest.approx(2 / 40)  # |dx0| + |dx1| over the perimeter
+    assert r["score_rel_error"]["mean"] == pytest.approx(0.2)
+    fs, qs = paired_scores([f], [q])
+    assert fs.tolist() == pytest.approx([0.9, 0.8]) and qs.tolist() == pytest.approx([0.72, 0.0])
+
+
+def test_paired_latency_needs_five_repeats():
+    with pytest.raises(DetrqError, match="at least 5"):
+        paired_latency(lambda: None, lambda: None, repeats=3)
+    r = paired_latency(lambda: None, lambda: None, repeats=5)
+    assert r["repeats"] == 5 and r["ratio"] > 0
