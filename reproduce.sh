@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # One-shot driver for detrq. See README.md.
-#   ./reproduce.sh                 the embedded default (mini DETR on synthetic data, CPU)
-#   ./reproduce.sh test            the test suite (pytest)
-# Each sets up .venv with the pinned dependencies first when it is missing or out of date.
+#   ./reproduce.sh                                              the embedded default (mini DETR, synthetic data, CPU)
+#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda]   the paper's setting (DETR-R50, COCO 2017)
+#   ./reproduce.sh test                                         pytest, then nbval on the committed notebooks
+# Each sets up .venv with the pinned dependencies first when it is missing or out of date. The runs execute
+# notebooks/01..04 with papermill (parameters from params/*.yaml); the executed copies replace the committed
+# ones, and the results and figures go to results/ and figures/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
   cat <<'TXT'
-usage: ./reproduce.sh            run the embedded default (CPU)
-       ./reproduce.sh test       run the tests
+usage: ./reproduce.sh                                        run the embedded default (CPU, about 10 minutes)
+       ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu]
+                                                             run the paper's setting on COCO 2017 (GPU)
+       ./reproduce.sh test                                   run the tests, then nbval on the notebooks
 TXT
 }
 
@@ -38,29 +43,50 @@ step() {  # step NAME CMD...: run and time one step
   echo "   ($name: $((SECONDS - t0)) s)"
 }
 
+run_notebooks() {  # run_notebooks PARAMS_FILE [--set KEY=VALUE ...]
+  step "notebooks 01-04 with $1" .venv/bin/python -m detrq notebooks --params "$@"
+}
+
 run_default() {
   setup_venv
   step "synthetic data (generated if missing)" .venv/bin/python -c \
     "from detrq.cli import EMBEDDED, ensure_embedded_data; ensure_embedded_data(EMBEDDED['data'])"
-  mkdir -p results
-  for bits in float 8 6 5 4 3; do
-    if [ "$bits" = float ]; then
-      step "evaluate float" .venv/bin/python -m detrq evaluate --quiet --out results/eval_mini_float.json
-    else
-      step "evaluate uniform W$bits" .venv/bin/python -m detrq evaluate --quiet --bits "$bits" \
-        --out "results/eval_mini_w$bits.json"
-    fi
+  run_notebooks params/default.yaml
+  echo "== results in results/ (table1.md, claims.json, ...), figures in figures/, executed notebooks in notebooks/"
+}
+
+run_full() {
+  local coco="" checkpoint="" device="cuda"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --coco) [ $# -ge 2 ] || die_usage "--coco needs a directory"; coco="$2"; shift 2 ;;
+      --checkpoint) [ $# -ge 2 ] || die_usage "--checkpoint needs a file"; checkpoint="$2"; shift 2 ;;
+      --device) [ $# -ge 2 ] || die_usage "--device needs cuda or cpu"; device="$2"; shift 2 ;;
+      *) die_usage "unknown argument to full: '$1'" ;;
+    esac
   done
-  echo "== results are in results/"
+  [ -n "$coco" ] || die_usage "full needs --coco DIR (COCO 2017 with annotations/, train2017/, val2017/)"
+  [ -n "$checkpoint" ] || die_usage "full needs --checkpoint FILE (detr-r50-e632da11.pth)"
+  [ -d "$coco" ] || die_usage "COCO directory not found: $coco"
+  [ -f "$checkpoint" ] || die_usage "checkpoint not found: $checkpoint"
+  case "$device" in cuda|cpu|cuda:*) ;; *) die_usage "--device must be cuda or cpu, got '$device'" ;; esac
+  setup_venv
+  # Absolute paths: the notebooks resolve relative ones against the repository root, not this shell's cwd.
+  run_notebooks params/full.yaml --set "coco_root=$(cd "$coco" && pwd)" \
+    --set "checkpoint=$(cd "$(dirname "$checkpoint")" && pwd)/$(basename "$checkpoint")" --set "device=$device"
+  echo "== results in results/, figures in figures/, executed notebooks in notebooks/"
 }
 
 run_tests() {
   setup_venv
-  .venv/bin/python -m pytest -q "$@"
+  step "pytest" .venv/bin/python -m pytest -q "$@"
+  # nbval re-executes the committed notebooks with their recorded parameters; the cached results make it quick.
+  step "nbval" .venv/bin/python -m pytest -q --nbval-lax --nbval-current-env notebooks/
 }
 
 case "${1:-}" in
   "") run_default ;;
+  full) shift; run_full "$@" ;;
   test) shift; run_tests "$@" ;;
   -h|--help|help) usage ;;
   *) die_usage "unknown argument '$1'" ;;

@@ -1,6 +1,6 @@
 """``python -m detrq <command>``: thin command-line wrappers over the package's functions.
 
-Commands: make-data, train, evaluate, traces, allocate. Bad input gives one ``error: ...`` line and exit
+Commands: make-data, train, evaluate, traces, allocate, notebooks. Bad input gives one ``error: ...`` line and exit
 status 2; results are written atomically and reused when their inputs are unchanged.
 """
 
@@ -127,6 +127,19 @@ def cmd_allocate(args: argparse.Namespace) -> None:
           f"{bits.start}-{bits.stop - 1}), objective {result['objective']:.4g}; wrote {out}")
 
 
+def cmd_notebooks(args: argparse.Namespace) -> None:
+    from detrq.notebooks import NOTEBOOKS, load_parameters, parse_override, run_notebooks
+
+    names = tuple(args.only) if args.only else NOTEBOOKS
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise DetrqError(f"unknown notebook {unknown[0]!r}; choose from {', '.join(NOTEBOOKS)}")
+    params = load_parameters(args.params, dict(parse_override(o) for o in args.set))
+    seconds = run_notebooks(params, args.out_dir or PROJECT_ROOT / "notebooks", names=names)
+    print(f"notebooks: {sum(seconds.values()):.0f} s in all; results in {params.get('results_dir')}/, figures in "
+          f"{params.get('figures_dir')}/")
+
+
 def _add_model_args(s: argparse.ArgumentParser, split_help: str) -> None:
     s.add_argument("--preset", default="mini", help="model preset: mini (embedded default) or r50 (default: "
                                                     "%(default)s)")
@@ -197,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
     s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
     s.set_defaults(func=cmd_allocate)
+
+    s = sub.add_parser("notebooks", help="run notebooks/01..04 with papermill on a parameter file (reproduce.sh)")
+    s.add_argument("--params", required=True, help="YAML parameter file, e.g. params/default.yaml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter (repeatable), e.g. --set device=cuda")
+    s.add_argument("--out-dir", help="where the executed notebooks go (default: over the ones in notebooks/)")
+    s.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks, e.g. 04_figures")
+    s.set_defaults(func=cmd_notebooks)
 
     s = sub.add_parser("int8", help="INT8 PTQ of the CNN detector (Faster R-CNN): size, latency, memory, mAP")
     s.add_argument("--backend", default="fx", choices=["fx", "pt2e", "onnxruntime"], help="default: %(default)s")

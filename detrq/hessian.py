@@ -262,3 +262,54 @@ def sensitivity(
                 max_probes=max_probes, min_probes=min_probes, rel_tol=rel_tol, probes_per_pass=probes_per_pass,
                 seed=seed, progress=progress,
             )
+
+
+def distillation_term_traces(
+    model: nn.Module,
+    batches: Sequence[tuple[list[Tensor], list[dict]]],
+    *,
+    quant_bits: int | None = None,
+    layers: Iterable[str] | None = None,
+    probes: int = 4,
+    seed: int = 0,
+) -> dict[str, dict[str, TraceEstimate]]:
+    """Hutchinson traces of Eq. (5) and of its L1 box term alone, with the same probes.
+
+    Returns ``{"eq5": ..., "l1": ..., "kl": ...}``, each ``{layer: TraceEstimate}``. ``"l1"`` is Eq. (5) with
+    ``lambda_kl = 0``; ``"kl"`` is the per-probe difference ``eq5 - l1``, which is exactly the Hutchinson
+    estimate of the KL term's Hessian because ``v.(H v)`` is linear in H and both runs draw the same probes.
+
+    The check this serves (footnote 1 of the paper): at float weights the student equals the teacher, the
+    L1 term's Hessian ``sign(b_s - b_t) * d2 b_s/dW2`` is 0 because ``sign(0) = 0``, and all the curvature of
+    Out Sen Float comes from the KL term. With ``quant_bits`` the student is at uniform ``quant_bits``
+    (Out Sen Quant's point), where both terms have curvature. The teacher is the float model, as in
+    ``sensitivity``.
+    """
+    batches = list(batches)
+    names = list(quantizable_layers(model)) if layers is None else list(layers)
+    student_bits = uniform_bit_map(model, quant_bits) if quant_bits is not None else {}
+    losses = {"eq5": distillation_loss, "l1": lambda s, t: distillation_loss(s, t, lambda_kl=0.0)}
+    estimates: dict[str, dict[str, TraceEstimate]] = {}
+    with tracing(model, names) as params:
+        _, items = sensitivity_objective(model, batches, "out-float")  # (images, float teacher) per batch
+        with quantized(model, student_bits):
+            for term, loss in losses.items():
+                estimates[term] = layer_traces(
+                    lambda item, loss=loss: loss(model(item[0]), item[1]), params, batches=items,
+                    batch_weights=[len(images) for images, _ in batches], max_probes=probes, min_probes=probes,
+                    probes_per_pass=probes, seed=seed,
+                )
+    eq5, l1 = estimates["eq5"], estimates["l1"]
+    estimates["kl"] = {
+        n: TraceEstimate.from_samples([a - b for a, b in zip(eq5[n].samples, l1[n].samples)], eq5[n].numel)
+        for n in names
+    }
+    return estimates
+
+
+def total_trace(estimates: Mapping[str, TraceEstimate]) -> dict[str, float]:
+    """The trace summed over layers, with its standard error from the per-probe sums (same probes per layer)."""
+    per_probe = [math.fsum(s) for s in zip(*(e.samples for e in estimates.values()))]
+    total = TraceEstimate.from_samples(per_probe, sum(e.numel for e in estimates.values()))
+    return {"trace": total.trace, "stderr": total.stderr, "n_probes": total.n_probes,
+            "max_abs_layer_trace": max(abs(e.trace) for e in estimates.values())}

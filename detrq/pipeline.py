@@ -7,6 +7,10 @@ cached file instead of recomputing when the key matches.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +19,11 @@ import torch
 from torch import nn
 
 from detrq.cache import cache_key, load_cached
+from detrq.cli import PROJECT_ROOT
 from detrq.data.coco import CocoDetection, EvalTransform, class_balanced_subset, collate
 from detrq.errors import DetrqError
 from detrq.evaluate import evaluate
-from detrq.hessian import METRICS, sensitivity
+from detrq.hessian import METRICS, distillation_term_traces, sensitivity, total_trace
 from detrq.ilp import allocate_bits, sensitivity_costs
 from detrq.models.detr import DETR, build_detr, load_checkpoint
 from detrq.quant import average_bits, quantizable_layers, quantize_tensor, quantized, model_size_bits
@@ -39,9 +44,14 @@ class TraceSettings:
     seed: int = 0  # probe seed
 
 
-def load_model(preset: str, checkpoint: str | Path, device: str = "cpu") -> tuple[DETR, str]:
-    """A preset model with ``checkpoint`` loaded (strict), in eval mode, and the checkpoint's SHA-256."""
-    model = build_detr(preset)
+def load_model(preset: str, checkpoint: str | Path, device: str = "cpu", *, min_size: int | None = None,
+               max_size: int | None = None) -> tuple[DETR, str]:
+    """A preset model with ``checkpoint`` loaded (strict), in eval mode, and the checkpoint's SHA-256.
+
+    ``min_size``/``max_size`` override the preset's image-size policy (None keeps it); ``eval_dataset`` and
+    therefore the Hessian images and every evaluation follow the model's policy.
+    """
+    model = build_detr(preset, min_size=min_size, max_size=max_size)
     load_checkpoint(model, checkpoint)
     return model.to(device).eval(), sha256_file(checkpoint)
 
@@ -147,4 +157,110 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
     }
     if out:
         write_json_atomic(out, result)
+    return result
+
+
+# --- The whole experiment as the notebooks run it: file layout and one call per step ---------------------------
+
+# Result files of the checks beside the traces (names inside a results directory).
+STABILITY_FILE = "stability.json"
+CURVATURE_FILE = "curvature_check.json"
+CLAIMS_FILE = "claims.json"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given if absolute, else relative to the repository root, so that a notebook finds the same
+    files whether papermill or nbval starts it in the repository root or in ``notebooks/``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """``with atomic_output(p) as tmp: write tmp`` then rename to ``p``: as ``write_json_atomic``, for files
+    written by other libraries (CSV, Markdown, matplotlib); a failure leaves an earlier ``p`` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def traces_path(results_dir: str | Path, metric: str) -> Path:
+    """Where ``run_all_traces`` keeps one metric's traces (the CLI's default name too)."""
+    return Path(results_dir) / f"traces_{metric}.json"
+
+
+def bitmap_path(results_dir: str | Path, metric: str, avg_bits: float) -> Path:
+    """Where ``run_all_allocations`` keeps one metric's bit map for one budget (the CLI's default name too)."""
+    return Path(results_dir) / f"bitmap_{metric}_{avg_bits:g}bit.json"
+
+
+def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
+                   settings: TraceSettings, *, metrics: tuple[str, ...] = METRICS, device: str = "cpu",
+                   progress: bool = False) -> dict[str, dict[str, Any]]:
+    """``run_traces`` for each metric on the same Hessian image set; ``{metric: traces result}``."""
+    return {m: run_traces(model, checkpoint_sha, root, split, m, traces_path(results_dir, m), settings,
+                          device=device, progress=progress) for m in metrics}
+
+
+def run_all_allocations(model: nn.Module, traces: dict[str, dict[str, Any]], results_dir: str | Path,
+                        targets: tuple[float, ...], bits_range_for: Callable[[float], range], *,
+                        time_limit: float = 60.0) -> dict[str, dict[float, dict[str, Any]]]:
+    """``run_allocation`` for every metric and average-bit target; ``{metric: {target: allocation result}}``.
+
+    ``bits_range_for(target)`` gives the per-layer choices, e.g. ``ilp.paper_bits_range``.
+    """
+    return {m: {t: run_allocation(model, tr, t, bits_range_for(t), bitmap_path(results_dir, m, t),
+                                  time_limit=time_limit) for t in targets}
+            for m, tr in traces.items()}
+
+
+def read_all_traces(results_dir: str | Path, checkpoint_sha: str | None = None,
+                    metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, Any]]:
+    """The traces files ``run_all_traces`` wrote, checked to belong to ``checkpoint_sha`` when given."""
+    traces = {m: read_json(traces_path(results_dir, m)) for m in metrics}
+    for m, tr in traces.items():
+        if checkpoint_sha is not None and tr.get("checkpoint_sha256") != checkpoint_sha:
+            raise DetrqError(f"{traces_path(results_dir, m)} was computed for another checkpoint; recompute the "
+                             "traces (notebook 01) for this one")
+    return traces
+
+
+def read_allocations(results_dir: str | Path, avg_bits: float, metrics: tuple[str, ...] = METRICS
+                     ) -> dict[str, dict[str, Any]]:
+    """The bit-map files ``run_all_allocations`` wrote for one budget, ``{metric: allocation result}``."""
+    return {m: read_json(bitmap_path(results_dir, m, avg_bits)) for m in metrics}
+
+
+def run_curvature_check(model: DETR, checkpoint_sha: str, root: str | Path, split: str, out: str | Path, *,
+                        num_images: int, probes: int, image_seed: int = 0, seed: int = 0, batch_size: int = 10,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Footnote 1's claim, measured: Hutchinson traces of Eq. (5)'s terms at float and at uniform 8-bit weights.
+
+    At float weights the L1 term's Hessian is exactly 0 and the KL term carries all of Out Sen Float's
+    curvature (see ``hessian.distillation_term_traces``). Uses the first ``num_images`` of the class-balanced
+    Hessian sample of ``image_seed``. Writes ``{"points": {"float"|"8bit": {term: total_trace(...)}}}``.
+    """
+    full = eval_dataset(model, root, split)
+    image_ids = class_balanced_subset(full, num_images, image_seed)
+    key = cache_key(kind="curvature", checkpoint=checkpoint_sha, split=split, image_ids=image_ids, probes=probes,
+                    seed=seed, batch_size=batch_size, transform=full.transform.describe(),
+                    layers=list(quantizable_layers(model)))
+    cached = load_cached(out, key)
+    if cached is not None:
+        return cached
+    batches = hessian_batches(eval_dataset(model, root, split, image_ids=image_ids), batch_size, device)
+    points = {}
+    for point, bits in (("float", None), ("8bit", 8)):
+        terms = distillation_term_traces(model, batches, quant_bits=bits, probes=probes, seed=seed)
+        points[point] = {term: total_trace(est) for term, est in terms.items()}
+    result = {"cache_key": key, "checkpoint_sha256": checkpoint_sha, "split": split, "image_ids": image_ids,
+              "probes": probes, "seed": seed, "points": points, "environment": environment()}
+    write_json_atomic(out, result)
     return result

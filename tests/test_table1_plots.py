@@ -1,0 +1,221 @@
+"""Table 1, the claims, the figures' data and files, the stability statistics, the notebook helpers: on small,
+made-up inputs (fast)."""
+
+import json
+import math
+
+import nbformat
+import pytest
+import torch
+
+from detrq.errors import DetrqError
+from detrq.hessian import distillation_term_traces
+from detrq.models.detr import build_detr
+from detrq.notebooks import (allocation_summary, clean_notebook, load_parameters, parse_override, region_mean_bits,
+                             table1_summary)
+from detrq.plots import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
+from detrq.stability import set_statistics
+from detrq.table1 import (PAPER_TABLE1, ROWS, build_table1, check_claims, claims_markdown, paper_delta,
+                          table1_csv, write_claims, write_table1)
+
+torch.set_num_threads(1)
+
+# The Delta column as printed in the paper's Table 1, to check that paper_delta derives it exactly.
+PRINTED_DELTA = {("6", "loss"): -3.1, ("6", "out-float"): -2.0, ("6", "out-quant"): 1.1,
+                 ("5", "loss"): -8.5, ("5", "out-float"): -7.6, ("5", "out-quant"): 1.3,
+                 ("4", "loss"): -0.8, ("4", "out-float"): 0.0, ("4", "out-quant"): 5.2}
+LAYERS = ["transformer.encoder.layers.0.linear1.weight", "transformer.decoder.layers.0.linear1.weight",
+          "bbox_embed.layers.0.weight", "backbone.0.body.conv1.weight"]
+
+
+def fake_evaluations(ap: dict[tuple[str, str], float]) -> dict:
+    """run_evaluation-shaped results with the given AP (in percent)."""
+    protocol = {"split": "val", "num_images": 5, "batch_size": 8}
+    return {row: {"metrics": {"AP": value / 100}, "protocol": protocol, "checkpoint_sha256": "abc",
+                  "avg_bits": 32.0 if row[0] == "float" else float(row[0])} for row, value in ap.items()}
+
+
+def fake_traces(avg: dict[str, list[float]], rel: float = 0.1) -> dict:
+    return {m: {"layers": {n: {"trace": a * 10, "avg_trace": a, "stderr": abs(a) * 10 * rel, "numel": 10,
+                               "n_probes": 4} for n, a in zip(LAYERS, values)}, "image_ids": [1], "split": "train"}
+            for m, values in avg.items()}
+
+
+def test_paper_table_has_the_14_rows_and_its_printed_deltas():
+    assert len(PAPER_TABLE1) == len(ROWS) == 14
+    assert PAPER_TABLE1["float", "none"] == 42.0 and PAPER_TABLE1["4", "out-quant"] == 25.9
+    assert {r: paper_delta(*r) for r in PRINTED_DELTA} == PRINTED_DELTA
+    assert paper_delta("6", "uniform") is None and paper_delta("float", "none") is None
+
+
+def test_build_table1_rows_keys_and_deltas(tmp_path):
+    table = build_table1(fake_evaluations(PAPER_TABLE1))
+    assert len(table["rows"]) == 14 and table["checkpoint_sha256"] == "abc"
+    assert all(set(r) == {"precision", "scheme", "AP", "paper_AP", "avg_bits", "delta_vs_uniform", "paper_delta"}
+               for r in table["rows"])
+    rows = {(r["precision"], r["scheme"]): r for r in table["rows"]}
+    assert rows["5", "out-quant"]["delta_vs_uniform"] == pytest.approx(1.3)
+    assert rows["8", "uniform"]["delta_vs_uniform"] is None
+    write_table1(table, tmp_path)
+    assert json.loads((tmp_path / "table1.json").read_text()) == table
+    csv_lines = (tmp_path / "table1.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("precision,scheme,AP") and len(csv_lines) == 15
+    md = (tmp_path / "table1.md").read_text().splitlines()
+    assert len(md) == 16 and "| 5-bit | Out Sen Quant | 36.4 | +1.3 |" in md[11]
+    assert table1_csv(table) == (tmp_path / "table1.csv").read_text()
+
+
+def test_build_table1_refuses_missing_rows_and_mixed_checkpoints():
+    evaluations = fake_evaluations(PAPER_TABLE1)
+    with pytest.raises(DetrqError, match="missing"):
+        build_table1({k: v for k, v in evaluations.items() if k != ("4", "loss")})
+    evaluations["4", "loss"] = {**evaluations["4", "loss"], "checkpoint_sha256": "other"}
+    with pytest.raises(DetrqError, match="different checkpoints"):
+        build_table1(evaluations)
+
+
+def test_claims_hold_on_the_papers_own_numbers_and_fail_when_reversed(tmp_path):
+    claims = check_claims(build_table1(fake_evaluations(PAPER_TABLE1)))
+    assert len(claims) == 13 and all(c.holds for c in claims), [c for c in claims if not c.holds]
+    reversed_ap = {**PAPER_TABLE1, ("5", "out-quant"): 30.0}
+    by_text = {c.claim: c for c in check_claims(build_table1(fake_evaluations(reversed_ap)))}
+    assert not by_text["Out Sen Quant beats uniform at 5 bits"].holds
+    assert "30.00 vs Uniform 35.10 (-5.10)" in by_text["Out Sen Quant beats uniform at 5 bits"].evidence
+    assert by_text["Out Sen Quant beats uniform at 6 bits"].holds
+    write_claims(list(by_text.values()), tmp_path / "claims.json")
+    stored = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert {"claim", "holds", "evidence"} == set(stored[0])
+    text = claims_markdown(stored)
+    assert text.startswith("On this run 12 of 13") and "**does not hold**: Out Sen Quant beats uniform at 5" in text
+
+
+def test_claims_from_traces_stability_and_curvature():
+    traces = fake_traces({"loss": [1.0, -2.0, 3.0, 4.0], "out-float": [1e-3, 1e-1, 1e-5, 0.0],
+                          "out-quant": [1e-4, 2e-4, 3e-4, 4e-4]})
+    traces["loss"] = fake_traces({"loss": [1.0, -2.0, 3.0, 4.0]}, rel=0.5)["loss"]
+    stability = {**set_statistics([10.0, 10.1, 9.9]), "num_sets": 3, "set_size": 100}
+    curvature = {"points": {"float": {"eq5": {"trace": 2.0, "stderr": 0.1}, "l1": {"trace": 0.0, "stderr": 0.0},
+                                      "kl": {"trace": 2.0, "stderr": 0.1}}}}
+    claims = check_claims(build_table1(fake_evaluations(PAPER_TABLE1)), traces, stability=stability,
+                          curvature=curvature)
+    extra = {c.claim.split(" (")[0]: c for c in claims[13:]}
+    assert len(extra) == 5 and all(c.holds for c in extra.values()), extra
+    assert "L1 box term 0" in claims[-1].evidence
+    only = claims_markdown(claims, only="Figure")
+    assert only.startswith("On this run 3 of 3")
+
+
+def test_set_statistics_reports_both_readings():
+    stats = set_statistics([2.0, 4.0])
+    assert stats["mean"] == 3.0 and stats["var"] == 2.0 and stats["std"] == pytest.approx(math.sqrt(2))
+    assert stats["var_over_mean"] == pytest.approx(2 / 3) and stats["std_over_mean"] == pytest.approx(math.sqrt(2) / 3)
+    assert stats["compared"] == "var_over_mean" and stats["holds"] is False
+    with pytest.raises(DetrqError, match="at least 2 sets"):
+        set_statistics([1.0])
+
+
+def test_regions_and_spans_follow_model_order():
+    assert [layer_region(n) for n in LAYERS] == ["encoder", "decoder", "heads/proj", "backbone"]
+    assert region_spans(LAYERS + ["backbone.0.body.layer1.0.conv1.weight"]) == [
+        ("encoder", 0, 0), ("decoder", 1, 1), ("heads/proj", 2, 2), ("backbone", 3, 4)]
+
+
+def test_figure1_data_keeps_nonpositive_estimates_visible():
+    traces = fake_traces({"loss": [1.0, -2.0, 0.0, 100.0], "out-float": [1e-3, 1e-1, 1e-5, 1e-2],
+                          "out-quant": [1e-4, 2e-4, 3e-4, 4e-4]})
+    traces["loss"]["layers"][LAYERS[0]]["stderr"] = 20.0  # stderr of the average 2.0 >= the average 1.0
+    data = figure1_data(traces)
+    loss = data["metrics"]["loss"]
+    assert loss["nonpositive"] == [1, 2] and loss["log10"][1] is None and loss["log10"][3] == pytest.approx(2.0)
+    assert loss["lower"][0] is None and loss["upper"][0] == pytest.approx(math.log10(3.0))
+    assert data["metrics"]["out-float"]["nonpositive"] == []
+    assert data["floor"] == math.floor(min(math.log10(1e-5 * 0.9), -5)) - 1
+    assert data["layers"] == LAYERS and [s[0] for s in data["spans"]] == ["encoder", "decoder", "heads/proj",
+                                                                            "backbone"]
+    mismatched = fake_traces({"loss": [1.0] * 4, "out-float": [1.0] * 4})
+    mismatched["out-float"]["layers"] = dict(reversed(mismatched["out-float"]["layers"].items()))
+    with pytest.raises(DetrqError, match="different layers"):
+        figure1_data(mismatched)
+
+
+def allocation(bits: list[int], target: float = 5) -> dict:
+    return {"avg_bits_target": target, "bits_range": [3, 6], "avg_bits": sum(bits) / len(bits),
+            "bit_map": dict(zip(LAYERS, bits))}
+
+
+def test_figure2_data_and_both_figures_are_byte_stable(tmp_path):
+    allocations = {"loss": allocation([3, 6, 6, 5]), "out-float": allocation([5, 5, 5, 5]),
+                   "out-quant": allocation([6, 4, 5, 5])}
+    data = figure2_data(allocations)
+    assert data["bits"]["out-quant"] == [6, 4, 5, 5] and data["avg_bits"]["loss"] == 5.0 and data["target"] == 5
+    with pytest.raises(DetrqError, match="one budget"):
+        figure2_data({**allocations, "loss": allocation([3, 6, 6, 5], target=6)})
+    fig1 = figure1_data(fake_traces({"loss": [1.0, -2.0, 3.0, 4.0], "out-float": [1e-3, 1e-1, 1e-5, 1e-2]}))
+    first = plot_figure1(fig1, tmp_path / "a" / "fig1") + plot_figure2(data, tmp_path / "a" / "fig2")
+    second = plot_figure1(fig1, tmp_path / "b" / "fig1") + plot_figure2(data, tmp_path / "b" / "fig2")
+    assert sorted(p.name for p in first) == ["fig1.pdf", "fig1.png", "fig2.pdf", "fig2.png"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert b"CreationDate" not in first[1].read_bytes()
+
+
+def test_region_mean_bits_and_summaries():
+    bit_map = dict(zip(LAYERS, [4, 6, 3, 5]))
+    assert region_mean_bits(bit_map) == {"backbone": 5.0, "encoder": 4.0, "decoder": 6.0, "heads/proj": 3.0}
+    assert region_mean_bits(bit_map, dict(zip(LAYERS, [1, 1, 1, 1])))["decoder"] == 6.0
+    text = allocation_summary({"loss": {5: allocation([3, 6, 6, 5])}})
+    assert text.startswith("loss      target 5 (3-6): avg 5.00 bits, layers at 3..6: 1/0/1/2")
+    table = build_table1(fake_evaluations(PAPER_TABLE1))
+    summary = table1_summary(table, [{"holds": True}, {"holds": False}])
+    assert "    5 out-quant AP  36.4 (paper 36.4) bits 5.00" in summary and summary.endswith("1 of 2")
+
+
+def test_l1_term_has_no_curvature_at_float_weights_but_kl_does():
+    torch.manual_seed(0)
+    model = build_detr("tiny").eval()
+    images = [torch.randn(3, 64, 64), torch.randn(3, 64, 48)]
+    terms = distillation_term_traces(model, [(images, [{}, {}])], probes=3)
+    assert all(e.trace == 0.0 and set(e.samples) == {0.0} for e in terms["l1"].values())
+    assert sum(e.trace for e in terms["kl"].values()) > 0
+    assert all(terms["kl"][n].samples == terms["eq5"][n].samples for n in terms["kl"])
+    quant = distillation_term_traces(model, [(images, [{}, {}])], quant_bits=4, probes=3)
+    assert any(e.trace != 0.0 for e in quant["l1"].values())
+
+
+def test_parse_override_types_values():
+    assert parse_override("max_probes=8") == ("max_probes", 8)
+    assert parse_override("device=cuda") == ("device", "cuda")
+    assert parse_override("max_eval_images=null") == ("max_eval_images", None)
+    assert parse_override("coco_root=/data/my coco") == ("coco_root", "/data/my coco")
+    with pytest.raises(DetrqError, match="KEY=VALUE"):
+        parse_override("device")
+
+
+def test_load_parameters_checks_keys_and_paths(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        'checkpoint = "x.pth"  # str: checkpoint\ncoco_root = "data"  # str: data\nthreads = 2  # int: threads',
+        metadata={"tags": ["parameters"]})], metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    nbformat.write(nb, str(tmp_path / "only.ipynb"))
+    (tmp_path / "ckpt.pth").write_bytes(b"")
+    params = tmp_path / "p.yaml"
+    params.write_text(f"checkpoint: {tmp_path / 'ckpt.pth'}\ncoco_root: {tmp_path}\nthreads: 1\n")
+    kwargs = {"names": ("only",), "notebook_dir": tmp_path}
+    assert load_parameters(params, {"threads": 3}, **kwargs)["threads"] == 3
+    with pytest.raises(DetrqError, match="'device' is not a parameter of any notebook"):
+        load_parameters(params, {"device": "cuda"}, **kwargs)
+    with pytest.raises(DetrqError, match="coco_root not found"):
+        load_parameters(params, {"coco_root": str(tmp_path / "missing")}, **kwargs)
+    with pytest.raises(DetrqError, match="'checkpoint' is not set"):
+        load_parameters(params, {"checkpoint": None}, **kwargs)
+    with pytest.raises(DetrqError, match="parameter file not found"):
+        load_parameters(tmp_path / "none.yaml", **kwargs)
+
+
+def test_clean_notebook_drops_run_metadata_and_keeps_tags(tmp_path):
+    cell = nbformat.v4.new_code_cell("1", metadata={"tags": ["parameters"], "papermill": {"duration": 1.0},
+                                                    "execution": {"iopub.status.busy": "2026-01-01"}})
+    nb = nbformat.v4.new_notebook(cells=[cell], metadata={"papermill": {"start_time": "2026-01-01"}})
+    nbformat.write(nb, str(tmp_path / "n.ipynb"))
+    clean_notebook(tmp_path / "n.ipynb")
+    cleaned = nbformat.read(str(tmp_path / "n.ipynb"), as_version=4)
+    assert "papermill" not in cleaned.metadata
+    assert cleaned.cells[0].metadata == {"tags": ["parameters"]}
