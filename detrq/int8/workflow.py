@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detrq.cache import cache_key, load_cached
 from detrq.data.coco import class_balanced_subset
 from detrq.errors import DetrqError
 from detrq.int8 import plots
@@ -28,7 +29,7 @@ from detrq.int8.detect import Detections, detection_agreement, evaluate_detector
 from detrq.int8.detector import load_frcnn
 from detrq.int8.measure import paired_latency, peak_memory, serialized_size
 from detrq.int8.quantize import BACKENDS, quantization_plan, quantize_int8
-from detrq.results import environment, write_json_atomic
+from detrq.results import environment, sha256_file, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
@@ -81,9 +82,18 @@ def _size_report(model: nn.Module, qmodel: nn.Module) -> dict[str, Any]:
     return {"size_bytes": {"float": f, "int8": q}, "size_ratio": q / f, "size_reduction": 1 - q / f}
 
 
-def run_int8(cfg: Int8RunConfig, progress: bool = False) -> dict[str, Any]:
+def _cache_key(cfg: Int8RunConfig, checkpoint_sha: str) -> str:
+    """Everything that determines a run's numbers: the config (not where files go), checkpoint and val labels."""
+    ann = Path(cfg.data) / "annotations" / "instances_val.json"
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "checkpoint", "data", "figures")}
+    return cache_key(settings=settings, checkpoint=checkpoint_sha, val=sha256_file(ann) if ann.is_file() else None)
+
+
+def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> dict[str, Any]:
     """Quantize, measure, write the results JSON (and the figures if asked); returns the record.
 
+    With ``reuse``, an existing results file with the same inputs (``cache_key``) and its figures are returned
+    as they are instead of being recomputed (nbval re-runs the notebook this way in seconds).
     The onnxruntime backend adds an "onnx" section: float and int8 ONNX parts run in onnxruntime, their
     latency and their agreement with PyTorch.
     """
@@ -91,6 +101,13 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False) -> dict[str, Any]:
         raise DetrqError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
     torch.set_num_threads(cfg.threads)
     model, mcfg, sha = load_frcnn(cfg.checkpoint)
+    out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_frcnn_{mcfg.name}_{cfg.backend}.json")
+    key = _cache_key(cfg, sha)
+    cached = load_cached(out, key) if reuse else None
+    if cached is not None:
+        figures = cached.get("activations", {}).get("figures", [])
+        if cfg.figures is None or (figures and all((PROJECT_ROOT / f).is_file() for f in figures)):
+            return cached
     val = detection_dataset(cfg.data, "val", mcfg.image_size, max_images=cfg.eval_images)
     calib, calib_ids = calibration_images(cfg.data, cfg.calib_images, cfg.calib_seed, mcfg.image_size)
     t0 = time.perf_counter()
@@ -140,6 +157,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False) -> dict[str, Any]:
         "checkpoint_sha256": sha,
         "config": dataclasses.asdict(cfg),
         "environment": environment(),
+        "cache_key": key,
     }
     if cfg.figures is not None:
         record["activations"] = activation_figures(model, qmodel, val[cfg.figure_image][0], ev_f["detections"],
@@ -148,7 +166,6 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False) -> dict[str, Any]:
         from detrq.int8.onnx_export import onnx_report
 
         record["onnx"] = onnx_report(model, qmodel, lat_images, cfg.latency_repeats)
-    out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_{record['model']}_{cfg.backend}.json")
     write_json_atomic(out, record)
     return record
 
