@@ -158,6 +158,26 @@ def _datasets(cfg: TrainConfig, model: DETR) -> tuple[CocoDetection, CocoDetecti
     return train_set, val_set
 
 
+# Fields a resumed run may change: they do not alter the iterations already done.
+_FREE_ON_RESUME = ("progress", "threads", "eval_every", "save_every", "max_eval_images")
+
+
+def _check_resumable(cfg: TrainConfig, state: dict) -> None:
+    """A run resumes only with the config it started with, except ``_FREE_ON_RESUME`` and ``iters``.
+
+    ``iters`` may change (to shorten or extend a run) while the DETR phase has not reached the new lr drop, so
+    that the schedule the finished run followed is exactly the one its config states.
+    """
+    old, new = state["config"], dataclasses.asdict(cfg)
+    changed = [k for k in new if k not in _FREE_ON_RESUME and old.get(k) != new[k]]
+    # Iterations 0..iteration-1 are done; the first one at the dropped lr is ceil(lr_drop_at * iters).
+    first_dropped = cfg.lr_drop_at * min(old["iters"], new["iters"])
+    past_drop = state["phase"] == "detr" and state["iteration"] > first_dropped
+    if changed and (changed != ["iters"] or past_drop):
+        raise DetrqError(f"{_state_path(cfg)} was written with a different config ({', '.join(changed)}); "
+                         "resume with the original settings or delete it to start over")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) both phases and write the checkpoint and its sidecar. Returns the sidecar dict."""
     torch.set_num_threads(cfg.threads)
@@ -175,8 +195,7 @@ def train(cfg: TrainConfig) -> dict:
     state = None
     if _state_path(cfg).is_file():
         state = torch.load(_state_path(cfg), map_location="cpu", weights_only=True)
-        if state["config"] != dataclasses.asdict(cfg) | {"progress": state["config"]["progress"]}:
-            raise DetrqError(f"{_state_path(cfg)} was written with a different config; delete it to start over")
+        _check_resumable(cfg, state)
         wall = state["wall"]
     t0 = time.time() - wall
 

@@ -79,8 +79,13 @@ def test_interrupted_run_resumes_to_identical_weights(data, tmp_path, monkeypatc
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_resume_refuses_a_changed_config(data, tmp_path, monkeypatch):
+def test_resume_refuses_a_changed_config_but_may_change_iters_before_the_lr_drop(data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "finalize", lambda *a, **k: None)
-    train(config(data, tmp_path / "m.pth", iters=2, pretrain_iters=0))
-    with pytest.raises(train_mod.DetrqError, match="different config"):
-        train(config(data, tmp_path / "m.pth", iters=3, pretrain_iters=0))
+    train(config(data, tmp_path / "a.pth", iters=4, pretrain_iters=0))  # state at 4, lr dropped from 3.2 on
+    with pytest.raises(train_mod.DetrqError, match=r"different config \(lr\)"):
+        train(config(data, tmp_path / "a.pth", iters=4, pretrain_iters=0, lr=5e-4))
+    with pytest.raises(train_mod.DetrqError, match=r"different config \(iters\)"):
+        train(config(data, tmp_path / "a.pth", iters=6, pretrain_iters=0))
+    train(config(data, tmp_path / "b.pth", iters=4, pretrain_iters=0, lr_drop_at=1.0))  # no drop yet
+    train(config(data, tmp_path / "b.pth", iters=6, pretrain_iters=0, lr_drop_at=1.0, eval_every=3))
+    assert torch.load(tmp_path / "b.pth.state.pt", weights_only=True)["iteration"] == 6
