@@ -308,8 +308,11 @@ def distillation_term_traces(
 
 
 def total_trace(estimates: Mapping[str, TraceEstimate]) -> dict[str, float]:
-    """The trace summed over layers, with its standard error from the per-probe sums (same probes per layer)."""
+    """The trace summed over layers, with its standard error from the per-probe sums (same probes per layer),
+    and the layers whose every sample is exactly 0 (no curvature at all, e.g. box-only layers under the L1 term
+    at float weights)."""
     per_probe = [math.fsum(s) for s in zip(*(e.samples for e in estimates.values()))]
     total = TraceEstimate.from_samples(per_probe, sum(e.numel for e in estimates.values()))
     return {"trace": total.trace, "stderr": total.stderr, "n_probes": total.n_probes,
-            "max_abs_layer_trace": max(abs(e.trace) for e in estimates.values())}
+            "max_abs_layer_trace": max(abs(e.trace) for e in estimates.values()),
+            "zero_layers": [n for n, e in estimates.items() if not any(e.samples)]}

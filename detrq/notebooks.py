@@ -135,7 +135,7 @@ def traces_summary(traces: dict[str, dict[str, Any]], stability: dict[str, Any],
                  f"{stability['holds']}), std/mean {stability['std_over_mean']:.2g}")
     for point, terms in curvature["points"].items():
         lines.append(f"Eq.(5) curvature at {point} weights: total trace L1 {terms['l1']['trace']:.2g}, "
-                     f"KL {terms['kl']['trace']:.2g}")
+                     f"KL {terms['kl']['trace']:.2g}; layers without any: {len(terms['eq5']['zero_layers'])}")
     return "\n".join(lines)
 
 

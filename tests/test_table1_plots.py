@@ -81,7 +81,13 @@ def test_claims_hold_on_the_papers_own_numbers_and_fail_when_reversed(tmp_path):
     by_text = {c.claim: c for c in check_claims(build_table1(fake_evaluations(reversed_ap)))}
     assert not by_text["Out Sen Quant beats uniform at 5 bits"].holds
     assert "30.00 vs Uniform 35.10 (-5.10)" in by_text["Out Sen Quant beats uniform at 5 bits"].evidence
-    assert by_text["Out Sen Quant beats uniform at 6 bits"].holds
+    assert by_text["Out Sen Quant beats uniform at 6 bits"].holds and "note" not in by_text[
+        "Out Sen Quant beats uniform at 6 bits"].evidence
+    under = fake_evaluations(PAPER_TABLE1)
+    under["5", "loss"] = {**under["5", "loss"], "avg_bits": 3.26}
+    loss5 = check_claims(build_table1(under))[4]
+    assert loss5.claim == "Loss Sen does not beat uniform at 5 bits"
+    assert loss5.evidence.endswith("note: Loss Sen uses 3.26 average bits, under the 5-bit budget")
     write_claims(list(by_text.values()), tmp_path / "claims.json")
     stored = json.loads((tmp_path / "claims.json").read_text())["claims"]
     assert {"claim", "holds", "evidence"} == set(stored[0])
@@ -94,13 +100,14 @@ def test_claims_from_traces_stability_and_curvature():
                           "out-quant": [1e-4, 2e-4, 3e-4, 4e-4]})
     traces["loss"] = fake_traces({"loss": [1.0, -2.0, 3.0, 4.0]}, rel=0.5)["loss"]
     stability = {**set_statistics([10.0, 10.1, 9.9]), "num_sets": 3, "set_size": 100}
-    curvature = {"points": {"float": {"eq5": {"trace": 2.0, "stderr": 0.1}, "l1": {"trace": 0.0, "stderr": 0.0},
+    curvature = {"points": {"float": {"eq5": {"trace": 2.0, "stderr": 0.1, "zero_layers": ["bbox_embed.layers.0"]},
+                                      "l1": {"trace": 0.0, "stderr": 0.0},
                                       "kl": {"trace": 2.0, "stderr": 0.1}}}}
     claims = check_claims(build_table1(fake_evaluations(PAPER_TABLE1)), traces, stability=stability,
                           curvature=curvature)
     extra = {c.claim.split(" (")[0]: c for c in claims[13:]}
     assert len(extra) == 5 and all(c.holds for c in extra.values()), extra
-    assert "L1 box term 0" in claims[-1].evidence
+    assert "L1 box term 0" in claims[-1].evidence and claims[-1].evidence.endswith("zero Eq.(5) curvature: 1")
     only = claims_markdown(claims, only="Figure")
     assert only.startswith("On this run 3 of 3")
 

@@ -1,0 +1,106 @@
+"""The full run's path end to end, small: params/full.yaml with an R50 checkpoint in the official format and a
+COCO 2017-layout directory, through papermill on the four notebooks, into a temporary directory.
+
+The checkpoint has random values shaped from the official state-dict manifest (small std, unit frozen-BN
+statistics, so the outputs are finite); the images are small and few, so that the whole path (traces of all
+three metrics, the stability and curvature checks, nine ILPs, fourteen evaluations, both figures) runs on a
+CPU in a few minutes. What the committed notebooks compare under nbval is checked here too: the table's
+structure and the data behind the figures.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from detrq.hessian import METRICS
+from detrq.notebooks import NOTEBOOKS, load_parameters, run_notebooks
+from detrq.table1 import MIXED_TARGETS, ROWS
+
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "detr_r50_state_dict_manifest.json"
+COCO_CATEGORIES = [1, 3, 18, 44, 62, 90]  # COCO ids, up to the largest (90); DETR-R50 has 91 + 1 classes
+
+# The full run, shrunk: tiny images and image counts, two probes, one thread.
+OVERRIDES = {
+    "device": "cpu", "threads": 1, "min_size": 64, "max_size": 96, "num_hessian_images": 2, "hessian_batch_size": 2,
+    "min_probes": 2, "max_probes": 2, "stability_sets": 2, "stability_set_size": 2, "curvature_images": 2,
+    "curvature_probes": 2, "max_eval_images": 2, "eval_batch_size": 2,
+}
+
+
+def official_r50_checkpoint(path: Path, seed: int = 0) -> None:
+    """``{"model": state_dict}`` with the manifest's names and shapes; frozen BN at unit scale and variance."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for e in json.loads(MANIFEST.read_text())["entries"]:
+        name, shape = e["name"], e["shape"]
+        if e["kind"] == "buffer":  # FrozenBatchNorm2d: weight/bias/running_mean/running_var
+            ones = name.endswith(("running_var", ".weight"))
+            sd[name] = torch.ones(shape) if ones else torch.zeros(shape)
+        else:
+            sd[name] = torch.randn(shape, generator=g) * 0.02
+    torch.save({"model": sd}, path)
+
+
+def coco_layout(root: Path, split: str, n: int, first_id: int, seed: int) -> None:
+    """``root/<split>/000000xxxxxx.jpg`` and ``root/annotations/instances_<split>.json`` with COCO ids."""
+    g = torch.Generator().manual_seed(seed)
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for k in range(n):
+        image_id = first_id + k
+        w, h = 120 + 8 * k, 90
+        im = Image.new("RGB", (w, h), (120, 120, 120))
+        draw = ImageDraw.Draw(im)
+        for j in range(2):
+            x, y = int(torch.randint(0, w - 40, (), generator=g)), int(torch.randint(0, h - 40, (), generator=g))
+            cat = COCO_CATEGORIES[(k + j) % len(COCO_CATEGORIES)]
+            draw.rectangle([x, y, x + 30, y + 30], fill=(40 * j, 200, 250 - 3 * cat))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                                "bbox": [x, y, 30, 30], "area": 900, "iscrowd": 0})
+        name = f"{image_id:012d}.jpg"
+        im.save(root / split / name)
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in COCO_CATEGORIES]
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+@pytest.mark.skipif(not MANIFEST.is_file(), reason="needs ../shared/detr_r50_state_dict_manifest.json")
+def test_full_run_path_on_r50_and_coco_layout(tmp_path):
+    coco = tmp_path / "coco"
+    coco_layout(coco, "train2017", 4, 9, seed=0)
+    coco_layout(coco, "val2017", 2, 139, seed=1)
+    official_r50_checkpoint(tmp_path / "detr-r50.pth")
+    results, figures, executed = tmp_path / "results", tmp_path / "figures", tmp_path / "notebooks"
+    params = load_parameters("params/full.yaml", {**OVERRIDES, "checkpoint": str(tmp_path / "detr-r50.pth"),
+                                                  "coco_root": str(coco), "results_dir": str(results),
+                                                  "figures_dir": str(figures)})
+    assert params["preset"] == "r50" and params["hessian_split"] == "train2017"
+    seconds = run_notebooks(params, executed, log=lambda _: None)
+    assert list(seconds) == list(NOTEBOOKS)
+    assert sorted(p.name for p in executed.iterdir()) == [f"{n}.ipynb" for n in NOTEBOOKS]
+
+    expected = {"table1.json", "table1.csv", "table1.md", "claims.json", "stability.json", "curvature_check.json"}
+    expected |= {f"traces_{m}.json" for m in METRICS}
+    expected |= {f"bitmap_{m}_{t}bit.json" for m in METRICS for t in MIXED_TARGETS}
+    expected |= {f"eval_{p}_{s}.json" for p, s in ROWS}
+    assert {p.name for p in results.iterdir()} == expected
+    assert {p.name for p in figures.iterdir()} == {f"{stem}.{ext}" for stem in ("fig1_hessian_traces",
+                                                                                 "fig2_bit_allocation")
+                                                    for ext in ("png", "pdf")}
+
+    table = json.loads((results / "table1.json").read_text())
+    assert [(r["precision"], r["scheme"]) for r in table["rows"]] == list(ROWS)
+    assert all(set(r) == {"precision", "scheme", "AP", "paper_AP", "avg_bits", "delta_vs_uniform", "paper_delta"}
+               for r in table["rows"])
+    assert table["protocol"]["transform"]["min_size"] == 64 and table["protocol"]["num_images"] == 2
+    assert table["protocol"]["hessian"]["num_images"] == 2 and table["protocol"]["hessian"]["split"] == "train2017"
+    traces = json.loads((results / "traces_out-quant.json").read_text())
+    assert len(traces["layers"]) > 100 and traces["layers"]["backbone.0.body.layer4.2.conv3.weight"]["n_probes"] == 2
+    assert "backbone.0.body.layer1.0.conv1.weight" not in traces["layers"]  # frozen in DETR-R50: stays float
+    claims = json.loads((results / "claims.json").read_text())["claims"]
+    assert len(claims) == 18 and all(isinstance(c["holds"], bool) for c in claims)
