@@ -122,20 +122,23 @@ def plot_figure1(data: dict[str, Any], stem: str | Path) -> list[Path]:
     ax = fig.add_subplot()
     _shade_regions(ax, data["spans"], label_y=1.01)
     floor = data["floor"]
-    for m, d in data["metrics"].items():
+    for k, (m, d) in enumerate(data["metrics"].items()):
         color, marker = METRIC_STYLE[m]
-        idx = [i for i, v in enumerate(d["log10"]) if v is not None]
-        y = [d["log10"][i] for i in idx]
-        yerr = [[y_i - (d["lower"][i] if d["lower"][i] is not None else floor) for i, y_i in zip(idx, y)],
-                [d["upper"][i] - y_i for i, y_i in zip(idx, y)]]
+        # NaN where the log does not exist, so that the line breaks there instead of bridging the gap.
+        y = [math.nan if v is None else v for v in d["log10"]]
+        bottom = [floor if lo is None else lo for lo in d["lower"]]
+        top = [math.nan if up is None else up for up in d["upper"]]
+        yerr = [[v - b for v, b in zip(y, bottom)], [t - v for v, t in zip(y, top)]]
         label = SCHEME_NAMES[m]
         if d["nonpositive"]:
             label += f" ({len(d['nonpositive'])} of {n} estimates <= 0, at bottom)"
-        ax.errorbar(idx, y, yerr=yerr, color=color, marker=marker, ms=3, lw=0.8, elinewidth=0.6, capsize=0,
+        ax.errorbar(range(n), y, yerr=yerr, color=color, marker=marker, ms=3, lw=0.8, elinewidth=0.6, capsize=0,
                     label=label)
         if d["nonpositive"]:
-            ax.plot(d["nonpositive"], [floor] * len(d["nonpositive"]), ls="none", marker="v", color=color, ms=5,
-                    clip_on=False)
+            # Side by side, so that several metrics' markers at one layer stay distinguishable.
+            offset = (k - (len(data["metrics"]) - 1) / 2) * 0.25
+            ax.plot([i + offset for i in d["nonpositive"]], [floor] * len(d["nonpositive"]), ls="none", marker="v",
+                    color=color, ms=4, clip_on=False)
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_ylim(bottom=floor - 0.2)
     ax.set_xlabel("layer (model order)")
