@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detrq.errors import DetrqError
 from detrq.int8.activations import activation_diff, compare_layers
@@ -15,7 +16,7 @@ from detrq.int8.detect import detection_agreement, paired_scores
 from detrq.int8.detector import FrcnnConfig, build_frcnn
 from detrq.int8.measure import paired_latency, serialized_size
 from detrq.int8.onnx_export import to_ort
-from detrq.int8.quantize import quantization_plan, quantize_int8
+from detrq.int8.quantize import fold_frozen_batchnorm, quantization_plan, quantize_int8
 
 torch.set_num_threads(1)
 
@@ -64,6 +65,21 @@ def test_fx_quantizes_a_tiny_faster_rcnn():
     assert out[0]["boxes"].shape[-1] == 4
     assert type(q.rpn) is type(model.rpn) and q.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
     assert serialized_size(q) < 0.5 * serialized_size(model)
+
+
+def test_frozen_batchnorm_is_folded_without_changing_the_output():
+    torch.manual_seed(0)
+    frozen = FrozenBatchNorm2d(4)
+    for key in ("weight", "bias", "running_mean"):
+        getattr(frozen, key).copy_(torch.randn(4))
+    frozen.running_var.copy_(torch.rand(4) + 0.5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen, nn.ReLU()).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_frozen_batchnorm(model)
+        assert isinstance(folded[1], nn.BatchNorm2d)
+        assert torch.allclose(folded(x), ref, atol=1e-6)
 
 
 def test_unsupported_model_and_empty_calibration_raise():

@@ -11,6 +11,7 @@ runs ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel int8 
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -117,8 +118,14 @@ def quantize_ort(module: nn.Module, example: tuple[Tensor, ...], calibration: li
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(float_model.onnx_model.numpy().tobytes())
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        # quantize_static logs a pre-processing hint at WARNING on every call; the exporter already optimises.
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR
+        try:
+            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         return OrtModule(dst.read_bytes(), float_model.out_spec)
 
 

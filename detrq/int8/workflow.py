@@ -56,6 +56,12 @@ class Int8RunConfig:
     out: str | None = None  # default results/int8_frcnn_<name>_<backend>.json
 
 
+def resolve(path: str | Path) -> Path:
+    """A relative path is taken from the repository root (notebooks run in notebooks/)."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def calibration_images(data: str | Path, n: int, seed: int, size: int) -> tuple[list[Tensor], list[int]]:
     """``n`` class-balanced train images (seeded) as [0, 1] tensors, and their ids."""
     if n < 1:
@@ -100,6 +106,8 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     if cfg.backend not in BACKENDS:
         raise DetrqError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
     torch.set_num_threads(cfg.threads)
+    cfg = dataclasses.replace(cfg, **{k: str(resolve(getattr(cfg, k))) for k in ("checkpoint", "data", "figures", "out")
+                                      if getattr(cfg, k) is not None})
     model, mcfg, sha = load_frcnn(cfg.checkpoint)
     out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_frcnn_{mcfg.name}_{cfg.backend}.json")
     key = _cache_key(cfg, sha)
@@ -194,3 +202,29 @@ def activation_figures(model: nn.Module, qmodel: nn.Module, image: Tensor, float
             "median_sqnr_db": float(np.median([d.sqnr_db for d in diffs])),
             "figures": [str(p.relative_to(PROJECT_ROOT)) if p.is_relative_to(PROJECT_ROOT) else str(p)
                         for p in paths]}
+
+
+def int8_markdown(records: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of the runs (one row per backend): size, latency, peak memory, mAP, detection error."""
+    batches = list(next(iter(records.values()))["peak_memory_mb"]["float"])
+    head = ("| backend | size float / int8 (MB) | smaller | latency float / int8 (ms/img) | ratio | AP float | AP int8 "
+            "| box rel. error | " + " | ".join(f"peak RSS b{b} f/i (MB)" for b in batches) + " |")
+    rows = [head, "|" + "---|" * (8 + len(batches))]
+    for backend, r in records.items():
+        lat, mem, err = r["latency"], r["peak_memory_mb"], r["detection_error"]["box_rel_error"]
+        rows.append(
+            f"| {backend} | {r['size_bytes']['float'] / 1e6:.2f} / {r['size_bytes']['int8'] / 1e6:.2f} "
+            f"| {r['size_reduction']:.1%} | {lat['float_s_per_image'] * 1e3:.1f} / {lat['int8_s_per_image'] * 1e3:.1f} "
+            f"| {r['latency_ratio']:.2f} | {r['AP_float']:.4f} | {r['AP_int8']:.4f} "
+            f"| {err['mean']:.2%} ± {err['std']:.2%} | "
+            + " | ".join(f"{mem['float'][b]:.0f} / {mem['int8'][b]:.0f}" for b in batches) + " |")
+    return "\n".join(rows)
+
+
+def int8_summary(records: dict[str, dict[str, Any]]) -> str:
+    """Short, rounded lines of the machine-independent numbers (sizes, mAP): what nbval compares."""
+    lines = []
+    for backend, r in records.items():
+        lines.append(f"{backend}: {r['size_reduction']:.1%} smaller, AP {r['AP_float']:.3f} -> {r['AP_int8']:.3f} "
+                     f"(loss {r['AP_loss_points']:.1f} points), quantized {', '.join(r['quantized_parts'])}")
+    return "\n".join(lines)
