@@ -244,8 +244,8 @@ def run_curvature_check(model: DETR, checkpoint_sha: str, root: str | Path, spli
     """Footnote 1's claim, measured: Hutchinson traces of Eq. (5)'s terms at float and at uniform 8-bit weights.
 
     At float weights the L1 term's Hessian is exactly 0 and the KL term carries all of Out Sen Float's
-    curvature (see ``hessian.distillation_term_traces``). Uses the first ``num_images`` of the class-balanced
-    Hessian sample of ``image_seed``. Writes ``{"points": {"float"|"8bit": {term: total_trace(...)}}}``.
+    curvature (see ``hessian.distillation_term_traces``). Uses a class-balanced sample of ``num_images`` drawn
+    as the Hessian set is (seed ``image_seed``). Writes ``{"points": {"float"|"8bit": {term: total_trace(...)}}}``.
     """
     full = eval_dataset(model, root, split)
     image_ids = class_balanced_subset(full, num_images, image_seed)

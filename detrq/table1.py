@@ -22,7 +22,7 @@ from detrq.pipeline import atomic_output, run_evaluation
 from detrq.quant import uniform_bit_map
 from detrq.results import write_json_atomic
 
-# Table 1 of Huang, Yang et al., "Output Sensitivity-Aware DETR Quantization" (AAAI 2023 workshop):
+# Table 1 of Huang, Yang et al., "Output Sensitivity-Aware DETR Quantization" (AAAI, 2023):
 # COCO 2017 val mAP (%) of the official DETR-R50 under weight-only PTQ. Keys are (precision, scheme).
 PAPER_TABLE1: dict[tuple[str, str], float] = {
     ("float", "none"): 42.0,
