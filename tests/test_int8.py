@@ -39,7 +39,7 @@ def calib(n: int = 8, size: int = 16) -> list[torch.Tensor]:
 @pytest.mark.parametrize("backend", ["fx", "pt2e", "onnxruntime"])
 def test_each_backend_quantizes_a_cnn_classifier(backend):
     model = tiny_cnn()
-    q = quantize_int8(model, calib(), backend, batch_size=4)
+    q = quantize_int8(model, calib(), backend, batch_size=4).eval()  # eval() must work on every backend
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref, out = model(x), q(x)

@@ -89,6 +89,7 @@ def pt2e_backend() -> Backend:
     The converted graph holds int8 weights and explicit quantize/dequantize ops; eager execution runs them as
     reference float ops, so it is accurate but slow until ``torch.compile`` lowers the patterns to int8 kernels.
     """
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -102,6 +103,8 @@ def pt2e_backend() -> Backend:
         return prepare_pt2e(exported, quantizer)
 
     def convert(module: nn.Module) -> nn.Module:
-        return _drop_unused_float_weights(convert_pt2e(module))
+        # Exported modules refuse .eval()/.train(); allow them (no-ops here: batch norm is folded) so that the
+        # int8 model is used like any other module by the evaluation code.
+        return allow_exported_model_train_eval(_drop_unused_float_weights(convert_pt2e(module)))
 
     return Backend(prepare, convert)
