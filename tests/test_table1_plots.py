@@ -3,6 +3,8 @@ made-up inputs (fast)."""
 
 import json
 import math
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -13,6 +15,7 @@ from detrq.hessian import distillation_term_traces
 from detrq.models.detr import build_detr
 from detrq.notebooks import (allocation_summary, clean_notebook, load_parameters, parse_override, region_mean_bits,
                              table1_summary)
+from detrq.pipeline import PROJECT_ROOT
 from detrq.plots import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
 from detrq.stability import set_statistics
 from detrq.table1 import (PAPER_TABLE1, ROWS, build_table1, check_claims, claims_markdown, paper_delta,
@@ -226,3 +229,29 @@ def test_clean_notebook_drops_run_metadata_and_keeps_tags(tmp_path):
     cleaned = nbformat.read(str(tmp_path / "n.ipynb"), as_version=4)
     assert "papermill" not in cleaned.metadata
     assert cleaned.cells[0].metadata == {"tags": ["parameters"]}
+
+
+def test_notebooks_command_gives_one_line_errors(tmp_path):
+    for args, message in ((["--params", str(tmp_path / "none.yaml")], "parameter file not found"),
+                          (["--params", "params/default.yaml", "--only", "05_x"], "unknown notebook '05_x'"),
+                          (["--params", "params/full.yaml"], "'checkpoint' is not set in full.yaml")):
+        proc = subprocess.run([sys.executable, "-m", "detrq", "notebooks", *args], capture_output=True, text=True,
+                              timeout=120, cwd=PROJECT_ROOT)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert message in lines[0]
+
+
+def test_reproduce_sh_refuses_bad_arguments_before_doing_anything(tmp_path):
+    cases = ((["bogus"], "unknown argument 'bogus'"),
+             (["full", "--checkpoint", str(tmp_path)], "full needs --coco DIR"),
+             (["full", "--coco", str(tmp_path / "missing"), "--checkpoint", "x.pth"], "COCO directory not found"),
+             (["full", "--coco", str(tmp_path), "--checkpoint", str(tmp_path / "x.pth")], "checkpoint not found"),
+             (["full", "--coco", str(tmp_path), "--checkpoint", __file__, "--device", "tpu"], "--device must be"),
+             (["full", "--coco", str(tmp_path), "--bogus"], "unknown argument to full: '--bogus'"))
+    for args, message in cases:
+        proc = subprocess.run(["bash", str(PROJECT_ROOT / "reproduce.sh"), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.stderr.startswith("usage:") and last.startswith("error: ") and message in last, (args, proc.stderr)
