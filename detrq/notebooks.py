@@ -8,6 +8,7 @@ change. The ``*_summary`` functions are the short, rounded text each notebook's 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -90,8 +91,8 @@ def run_notebooks(params: dict[str, Any], out_dir: str | Path = NOTEBOOK_DIR, *,
     """Execute ``names`` in order with ``params`` (each gets the parameters it declares); seconds per notebook.
 
     The executed copy replaces ``out_dir/<name>.ipynb`` only when the notebook ran through; a failing one is
-    left at ``out_dir/<name>.failed.ipynb`` and raises ``DetrqError`` naming it. The kernel starts in the
-    repository root; the notebooks resolve relative paths against it anyway.
+    left in ``out_dir/.failed/`` (hidden, so that nbval does not collect it) and raises ``DetrqError`` naming
+    it. The kernel starts in the repository root; the notebooks resolve relative paths against it anyway.
     """
     import papermill
 
@@ -100,7 +101,8 @@ def run_notebooks(params: dict[str, Any], out_dir: str | Path = NOTEBOOK_DIR, *,
     declared = declared_parameters(names, notebook_dir)
     seconds = {}
     for name in names:
-        failed = out_dir / f"{name}.failed.ipynb"
+        failed = out_dir / ".failed" / f"{name}.ipynb"
+        failed.parent.mkdir(exist_ok=True)
         start = time.perf_counter()
         log(f"== notebook {name}")
         try:
@@ -114,6 +116,8 @@ def run_notebooks(params: dict[str, Any], out_dir: str | Path = NOTEBOOK_DIR, *,
         os.replace(failed, out_dir / f"{name}.ipynb")
         seconds[name] = time.perf_counter() - start
         log(f"   ({name}: {seconds[name]:.0f} s)")
+    with contextlib.suppress(OSError):  # removed only when empty: failed copies of earlier runs stay
+        (out_dir / ".failed").rmdir()
     return seconds
 
 
