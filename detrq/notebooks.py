@@ -30,11 +30,17 @@ REQUIRED_PATHS: tuple[str, ...] = ("checkpoint", "coco_root")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` -> ``(key, value)`` with the value typed as YAML types it (``5``, ``null``, ``cuda``)."""
+    """``"key=value"`` -> ``(key, value)`` with the value typed as YAML types it (``5``, ``null``, ``cuda``).
+
+    Paths (``REQUIRED_PATHS`` and ``*_dir``) stay the raw text: YAML would read ``#`` as a comment.
+    """
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise DetrqError(f"parameter override {text!r} is not of the form KEY=VALUE")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    if key in REQUIRED_PATHS or key.endswith("_dir"):
+        return key, value
+    return key, yaml.safe_load(value) if value.strip() else None
 
 
 def declared_parameters(names: tuple[str, ...] = NOTEBOOKS, notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, set]:

@@ -195,7 +195,8 @@ def test_parse_override_types_values():
     assert parse_override("max_probes=8") == ("max_probes", 8)
     assert parse_override("device=cuda") == ("device", "cuda")
     assert parse_override("max_eval_images=null") == ("max_eval_images", None)
-    assert parse_override("coco_root=/data/my coco") == ("coco_root", "/data/my coco")
+    assert parse_override("coco_root=/data/my coco #2") == ("coco_root", "/data/my coco #2")
+    assert parse_override("results_dir=2017") == ("results_dir", "2017")
     with pytest.raises(DetrqError, match="KEY=VALUE"):
         parse_override("device")
 
