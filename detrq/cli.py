@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-images", type=int, default=32, help="train images to calibrate on (default: %(default)s)")
     s.add_argument("--eval-images", type=int, help="evaluate on the first N val images only")
     s.add_argument("--batch-sizes", default="1,2,4,32,64", help="peak-memory batch sizes (default: %(default)s)")
+    s.add_argument("--compile", action="store_true", help="pt2e: torch.compile the int8 parts (int8 kernels)")
     s.add_argument("--figures", help="write the activation figures (fx backend) to this directory")
     s.add_argument("--out", help="default: results/int8_frcnn_<name>_<backend>.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -239,8 +240,8 @@ def cmd_int8(args: argparse.Namespace) -> None:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError:
         raise DetrqError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
-    cfg = Int8RunConfig(backend=args.backend, calib_images=args.calib_images, eval_images=args.eval_images,
-                        batch_sizes=batch_sizes, figures=args.figures, out=args.out)
+    cfg = Int8RunConfig(backend=args.backend, calib_images=args.calib_images, compile=args.compile,
+                        eval_images=args.eval_images, batch_sizes=batch_sizes, figures=args.figures, out=args.out)
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
     r = run_int8(cfg, progress=not args.quiet)

@@ -39,7 +39,8 @@ def calib(n: int = 8, size: int = 16) -> list[torch.Tensor]:
 @pytest.mark.parametrize("backend", ["fx", "pt2e", "onnxruntime"])
 def test_each_backend_quantizes_a_cnn_classifier(backend):
     model = tiny_cnn()
-    q = quantize_int8(model, calib(), backend, batch_size=4).eval()  # eval() must work on every backend
+    q = quantize_int8(model, calib(), backend, batch_size=4)
+    q.eval()  # must work on every backend (exported pt2e modules refuse it unless allowed)
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref, out = model(x), q(x)
@@ -87,6 +88,8 @@ def test_unsupported_model_and_empty_calibration_raise():
         quantize_int8(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.rand(4)])
     with pytest.raises(DetrqError, match="calibration set is empty"):
         quantize_int8(tiny_cnn(), [])
+    with pytest.raises(DetrqError, match="for the pt2e backend"):
+        quantize_int8(tiny_cnn(), calib(), "fx", compile=True)
     with pytest.raises(DetrqError, match="unknown backend"):
         quantize_int8(tiny_cnn(), calib(), "tensorrt")
 

@@ -83,11 +83,13 @@ def _drop_unused_float_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     return gm
 
 
-def pt2e_backend() -> Backend:
+def pt2e_backend(compile: bool = False) -> Backend:
     """torch.export (batch dimension dynamic) + ``prepare_pt2e/convert_pt2e`` with ``X86InductorQuantizer``.
 
     The converted graph holds int8 weights and explicit quantize/dequantize ops; eager execution runs them as
-    reference float ops, so it is accurate but slow until ``torch.compile`` lowers the patterns to int8 kernels.
+    reference float ops, so it is accurate but slow. With ``compile``, each part goes through ``torch.compile``
+    with inductor's ``freezing`` (weights folded as constants), which lowers the q/dq patterns to oneDNN int8
+    kernels.
     """
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -105,6 +107,15 @@ def pt2e_backend() -> Backend:
     def convert(module: nn.Module) -> nn.Module:
         # Exported modules refuse .eval()/.train(); allow them (no-ops here: batch norm is folded) so that the
         # int8 model is used like any other module by the evaluation code.
-        return allow_exported_model_train_eval(_drop_unused_float_weights(convert_pt2e(module)))
+        converted = allow_exported_model_train_eval(_drop_unused_float_weights(convert_pt2e(module)))
+        if not compile:
+            return converted
+        # oneDNN's int8 conv prepack has no dynamic-shape lowering: conv graphs recompile per input shape (a few
+        # batch sizes); conv-free graphs (the box head, whose RoI count changes every call) compile dynamic.
+        has_conv = any("conv" in str(n.target) for n in converted.graph.nodes if n.op == "call_function")
+        # Set globally, as torchao's recipe does: passed as a per-call option, freezing leaves prepack ops that
+        # inductor's fake-tensor pass cannot run.
+        torch._inductor.config.freezing = True
+        return torch.compile(converted, dynamic=not has_conv)
 
     return Backend(prepare, convert)

@@ -6,8 +6,8 @@
 - peak memory: each (model, batch size) runs in a fresh subprocess (``python -m detrq.int8.measure``), so no
   earlier model or batch has raised its high-water mark. The child builds the model with a factory function
   (quantized modules do not survive pickling: FX's fused int8 modules fail to unpickle), then resets the
-  kernel's RSS high-water mark (``/proc/self/clear_refs``), so building and calibrating do not count, runs one
-  batch and reports the peak RSS (VmHWM) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+  kernel's RSS high-water mark (``/proc/self/clear_refs``) after one warm-up run, so building, calibrating and
+  compiling do not count, runs the batch again and reports the peak RSS (VmHWM) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -105,9 +105,12 @@ def _child(argv: list[str]) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     module, _, fn = a.factory.partition(":")
-    model = getattr(importlib.import_module(module), fn)(**json.loads(a.kwargs)).eval().to(a.device)
+    model = getattr(importlib.import_module(module), fn)(**json.loads(a.kwargs)).to(a.device)
+    model.eval()  # not chained: an exported pt2e module's eval() returns None
     inputs = _make_inputs(a.kind, a.batch, a.size, seed=0)
     inputs = [x.to(a.device) for x in inputs] if a.kind == "detector" else inputs.to(a.device)
+    with torch.no_grad():
+        model(inputs)  # warm-up: lazy initialisation and torch.compile's compilation are not inference memory
     gc.collect()
     # Hand the heap that building and calibrating freed back to the OS, so that it is not in the baseline.
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -115,7 +115,7 @@ class Backend:
     convert: Callable[[nn.Module], nn.Module]
 
 
-def _backend(name: str) -> Backend:
+def _backend(name: str, compile: bool) -> Backend:
     # Imported on demand: each backend pulls in a different stack (torch.ao, torchao, onnxruntime).
     if name == "fx":
         from detrq.int8.backends import fx_backend
@@ -124,7 +124,7 @@ def _backend(name: str) -> Backend:
     if name == "pt2e":
         from detrq.int8.backends import pt2e_backend
 
-        return pt2e_backend()
+        return pt2e_backend(compile)
     if name == "onnxruntime":
         from detrq.int8.onnx_export import ort_backend
 
@@ -132,15 +132,23 @@ def _backend(name: str) -> Backend:
     raise DetrqError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
 
 
+def _check_compile(backend: str, compile: bool) -> None:
+    if compile and backend != "pt2e":
+        raise DetrqError(f"compile=True is for the pt2e backend (it lowers PT2E's quantize/dequantize ops to int8 "
+                         f"kernels); {backend!r} runs int8 kernels already")
+
+
 def quantize_int8(model: nn.Module, calib_images: Sequence[Tensor] | Tensor, backend: str = "fx", *,
-                  batch_size: int = 8) -> nn.Module:
+                  batch_size: int = 8, compile: bool = False) -> nn.Module:
     """An int8 copy of ``model`` calibrated on ``calib_images`` ([C, H, W] images, [0, 1] for detectors).
 
     The float model is left untouched. The copy takes the same inputs and returns the same structure, so the
     same evaluation code scores it. Activations are calibrated with min/max (histogram for fx's default x86
-    qconfig) observers over all calibration images, in batches of ``batch_size``.
+    qconfig) observers over all calibration images, in batches of ``batch_size``. ``compile`` (pt2e only) wraps
+    each int8 part in ``torch.compile`` with frozen weights; it compiles on the first call.
     """
-    backend_impl = _backend(backend)
+    _check_compile(backend, compile)
+    backend_impl = _backend(backend, compile)
     plan = quantization_plan(model)
     batches = calibration_batches(plan, calib_images, batch_size)
     qmodel = fold_frozen_batchnorm(copy.deepcopy(model)).eval()

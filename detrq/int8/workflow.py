@@ -46,6 +46,7 @@ class Int8RunConfig:
     data: str = str(DEFAULT_DATA)
     calib_images: int = 32  # class-balanced from the train split
     calib_seed: int = 0
+    compile: bool = False  # pt2e only: torch.compile the int8 parts (what makes pt2e fast)
     eval_images: int | None = None  # first N val images; None = all
     latency_images: int = 4  # one run = these images one at a time (batch 1); time / images = per image
     latency_repeats: int = 7
@@ -73,14 +74,14 @@ def calibration_images(data: str | Path, n: int, seed: int, size: int) -> tuple[
 
 
 def build_model(checkpoint: str, backend: str | None = None, data: str = str(DEFAULT_DATA), calib_images: int = 32,
-                calib_seed: int = 0) -> nn.Module:
+                calib_seed: int = 0, compile: bool = False) -> nn.Module:
     """The float model (``backend`` None) or its int8 twin, built deterministically from plain arguments:
     the factory that ``peak_memory``'s subprocesses call."""
     model, cfg, _ = load_frcnn(checkpoint)
     if backend is None:
         return model
     images, _ = calibration_images(data, calib_images, calib_seed, cfg.image_size)
-    return quantize_int8(model, images, backend)
+    return quantize_int8(model, images, backend, compile=compile)
 
 
 def _size_report(model: nn.Module, qmodel: nn.Module) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     val = detection_dataset(cfg.data, "val", mcfg.image_size, max_images=cfg.eval_images)
     calib, calib_ids = calibration_images(cfg.data, cfg.calib_images, cfg.calib_seed, mcfg.image_size)
     t0 = time.perf_counter()
-    qmodel = quantize_int8(model, calib, cfg.backend)
+    qmodel = quantize_int8(model, calib, cfg.backend, compile=cfg.compile)
     quantize_s = time.perf_counter() - t0
 
     ev_f = evaluate_detector(model, val, progress=progress)
@@ -131,7 +132,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
                "int8_s_per_image": latency["int8_s"] / cfg.latency_images,
                "ratio": latency["ratio"], "repeats": latency["repeats"], "images_per_run": cfg.latency_images}
     kwargs = {"checkpoint": cfg.checkpoint, "data": cfg.data, "calib_images": cfg.calib_images,
-              "calib_seed": cfg.calib_seed}
+              "calib_seed": cfg.calib_seed, "compile": cfg.compile}
     memory = {name: peak_memory("detrq.int8.workflow:build_model", {**kwargs, "backend": backend}, "detector",
                                 cfg.batch_sizes, mcfg.image_size, threads=cfg.threads)
               for name, backend in (("float", None), ("int8", cfg.backend))}
