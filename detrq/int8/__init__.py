@@ -2,7 +2,8 @@
 
 Modules: ``detector`` (the embedded Faster R-CNN and its checkpoint), ``data`` (torchvision-style targets over
 the COCO-layout dataset), ``train`` (training it), ``detect`` (inference, mAP via the shared ``coco_metrics``,
-float-vs-int8 detection errors), ``quantize`` (the one entry point ``quantize_int8``), ``measure`` (size,
-latency, peak memory), ``activations`` and ``plots`` (float-vs-int8 activation maps), ``onnx_export`` and
-``workflow`` (the end-to-end run behind ``python -m detrq int8`` and the notebook).
+float-vs-int8 detection errors), ``quantize`` (the one entry point ``quantize_int8``) with its backends in
+``backends`` (fx, pt2e) and ``onnx_export`` (onnxruntime, ONNX export and the ORT report), ``measure`` (size,
+latency, peak memory), ``activations`` and ``plots`` (float-vs-int8 activation maps) and ``workflow`` (the
+end-to-end run behind ``python -m detrq int8`` and the notebook).
 """
