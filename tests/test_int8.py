@@ -68,6 +68,19 @@ def test_fx_quantizes_a_tiny_faster_rcnn():
     assert serialized_size(q) < 0.5 * serialized_size(model)
 
 
+def test_fx_quantizes_a_stock_torchvision_detector():
+    """MobileNetV3-FPN Faster R-CNN: hardswish, squeeze-excitation and a different FPN than the embedded model."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=64,
+                                                  max_size=64).eval()
+    q = quantize_int8(model, calib(2, 64), "fx")
+    with torch.no_grad():
+        assert set(q(calib(1, 64))[0]) == {"boxes", "scores", "labels"}
+    assert serialized_size(q) < 0.5 * serialized_size(model)
+
+
 def test_frozen_batchnorm_is_folded_without_changing_the_output():
     torch.manual_seed(0)
     frozen = FrozenBatchNorm2d(4)
