@@ -35,12 +35,14 @@ setup_venv() {
   fi
 }
 
+TIMES=()  # NAME=SECONDS of each step, recorded in results/runtime_default.json by the default run
 step() {  # step NAME CMD...: run and time one step
   local name="$1"; shift
   local t0=$SECONDS
   echo "== $name"
   "$@"
   echo "   ($name: $((SECONDS - t0)) s)"
+  TIMES+=("$name=$((SECONDS - t0))")
 }
 
 run_notebooks() {  # run_notebooks PARAMS_FILE [--set KEY=VALUE ...]
@@ -52,6 +54,8 @@ run_default() {
   step "synthetic data (generated if missing)" .venv/bin/python -c \
     "from detrq.cli import EMBEDDED, ensure_embedded_data; ensure_embedded_data(EMBEDDED['data'])"
   run_notebooks params/default.yaml
+  step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet
+  .venv/bin/python -m detrq readme --runtime "${TIMES[@]}"
   echo "== results in results/ (table1.md, claims.json, ...), figures in figures/, executed notebooks in notebooks/"
 }
 

@@ -211,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
     s.set_defaults(func=cmd_allocate)
 
+    s = sub.add_parser("curve", help="AP under uniform Eq. (6) weight quantization at 8..3 bits")
+    _add_model_args(s, "split name (default: val for mini, val2017 otherwise)")
+    s.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    s.add_argument("--results-dir", default="results", help="default: %(default)s")
+    s.set_defaults(func=cmd_curve)
+
+    s = sub.add_parser("readme", help="regenerate README.md's result sections from results/")
+    s.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"), help="default: the repository's")
+    s.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="default: %(default)s")
+    s.add_argument("--runtime", nargs="*", metavar="NAME=SECONDS",
+                   help="record the embedded default's measured step times (reproduce.sh passes them)")
+    s.set_defaults(func=cmd_readme)
+
     s = sub.add_parser("notebooks", help="run notebooks/01..04 with papermill on a parameter file (reproduce.sh)")
     s.add_argument("--params", required=True, help="YAML parameter file, e.g. params/default.yaml")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -249,6 +262,36 @@ def cmd_int8(args: argparse.Namespace) -> None:
     print(f"{r['model']} {r['backend']}: size {r['size_reduction']:.1%} smaller, latency x{r['latency_ratio']:.2f}, "
           f"AP {r['AP_float']:.4f} -> {r['AP_int8']:.4f}; peak RSS MB float/int8 "
           + " ".join(f"b{b}:{mem['float'][b]:.0f}/{mem['int8'][b]:.0f}" for b in mem["float"]))
+
+
+def cmd_curve(args: argparse.Namespace) -> None:
+    from detrq.pipeline import eval_dataset, load_model, run_quant_curve
+
+    checkpoint, coco, split = _resolve(args, "val")
+    model, sha = load_model(args.preset, checkpoint, args.device)
+    dataset = eval_dataset(model, coco, split, max_images=args.max_images)
+    curve = run_quant_curve(model, sha, dataset, args.results_dir, device=args.device, progress=not args.quiet)
+    print("  ".join(f"{r['label']} {100 * r['AP']:.1f}" for r in curve["rows"]))
+
+
+def cmd_readme(args: argparse.Namespace) -> None:
+    import os
+
+    from detrq.readme import update_readme
+    from detrq.results import cpu_model, write_json_atomic
+
+    if args.runtime:
+        steps = []
+        for item in args.runtime:
+            name, _, secs = item.rpartition("=")
+            if not name or not secs.isdigit():
+                raise DetrqError(f"--runtime takes NAME=SECONDS, got {item!r}")
+            steps.append({"name": name, "seconds": int(secs)})
+        write_json_atomic(Path(args.results_dir) / "runtime_default.json", {
+            "steps": steps, "total_seconds": sum(s["seconds"] for s in steps),
+            "hardware": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU"})
+    found = update_readme(args.readme, args.results_dir)
+    print(f"updated {args.readme}: {', '.join(found) or 'no generated sections'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,3 +264,22 @@ def run_curvature_check(model: DETR, checkpoint_sha: str, root: str | Path, spli
               "probes": probes, "seed": seed, "points": points, "environment": environment()}
     write_json_atomic(out, result)
     return result
+
+
+def run_quant_curve(model: DETR, checkpoint_sha: str, dataset: CocoDetection, results_dir: str | Path,
+                    bits: tuple[int, ...] = (8, 7, 6, 5, 4, 3), *, batch_size: int = 8, device: str = "cpu",
+                    progress: bool = True) -> dict[str, Any]:
+    """AP under uniform Eq. (6) weight quantization at each of ``bits`` (and float): how quantization hurts the
+    model. The per-width evaluations share Table 1's cache files (``eval_<bits>_uniform.json``)."""
+    results_dir = Path(results_dir)
+    rows = []
+    for b in (None, *bits):
+        name = "eval_float_none.json" if b is None else f"eval_{b}_uniform.json"
+        bit_map = {} if b is None else {n: b for n in quantizable_layers(model)}
+        r = run_evaluation(model, checkpoint_sha, dataset, bit_map, results_dir / name, batch_size=batch_size,
+                           device=device, progress=progress, label="float" if b is None else f"{b} uniform")
+        rows.append({"label": "float" if b is None else f"W{b}", "bits": b, "AP": r["metrics"]["AP"],
+                     "AP50": r["metrics"]["AP50"]})
+    curve = {"rows": rows, "checkpoint_sha256": checkpoint_sha, "protocol": r["protocol"]}
+    write_json_atomic(results_dir / "quant_curve.json", curve)
+    return curve

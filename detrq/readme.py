@@ -1,0 +1,79 @@
+"""Regenerates README.md's result sections from results/*.json, so no number in the README is typed by hand.
+
+A generated section sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``;
+everything outside the markers is hand-written prose and is left alone. A section whose results file is
+missing says so instead of showing numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from detrq.results import read_json
+from detrq.table1 import claims_markdown, table1_markdown
+
+
+def _missing(name: str) -> str:
+    return f"_Not generated yet: `results/{name}` is missing; run `./reproduce.sh`._\n"
+
+
+def quant_curve_markdown(curve: dict[str, Any]) -> str:
+    """Uniform Eq.(6) weight quantization of the embedded checkpoint: AP at each bit width."""
+    head = "| weights | " + " | ".join(r["label"] for r in curve["rows"]) + " |"
+    sep = "|---|" + "---:|" * len(curve["rows"])
+    ap = "| AP (%) | " + " | ".join(f"{100 * r['AP']:.1f}" for r in curve["rows"]) + " |"
+    kept = "| of float | " + " | ".join(f"{r['AP'] / curve['rows'][0]['AP']:.2f}" for r in curve["rows"]) + " |"
+    return "\n".join([head, sep, ap, kept]) + "\n"
+
+
+def int8_markdown(results: list[dict[str, Any]]) -> str:
+    """One row per INT8 backend result file."""
+    lines = ["| model | backend | size (int8/float) | latency (int8/float) | AP float | AP int8 |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['backend']} | {r['size_ratio']:.3f} | {r['latency_ratio']:.3f} | "
+                     f"{100 * r['AP_float']:.1f} | {100 * r['AP_int8']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def runtime_markdown(runtime: dict[str, Any]) -> str:
+    steps = ", ".join(f"{s['name']} {s['seconds']} s" for s in runtime["steps"])
+    return (f"Measured on {runtime['hardware']}: {runtime['total_seconds'] / 60:.1f} minutes end to end "
+            f"({steps}).\n")
+
+
+def _section(results: Path, name: str, render: Callable[[Any], str]) -> str:
+    path = results / name
+    return render(read_json(path)) if path.is_file() else _missing(name)
+
+
+def sections(results_dir: str | Path) -> dict[str, str]:
+    """The text of every generated section, from the files in ``results_dir``."""
+    results = Path(results_dir)
+    int8 = sorted(results.glob("int8_*.json"))
+    return {
+        "table1": _section(results, "table1.json", table1_markdown),
+        "claims": _section(results, "claims.json", lambda d: claims_markdown(d["claims"])),
+        "quant-curve": _section(results, "quant_curve.json", quant_curve_markdown),
+        "runtime": _section(results, "runtime_default.json", runtime_markdown),
+        "int8": int8_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),
+    }
+
+
+def update_readme(readme: str | Path, results_dir: str | Path) -> list[str]:
+    """Rewrite the generated sections of ``readme`` in place; returns the names of the sections found."""
+    readme = Path(readme)
+    text = readme.read_text()
+    found = []
+    for name, body in sections(results_dir).items():
+        pattern = re.compile(rf"(<!-- BEGIN generated:{name} -->\n).*?(<!-- END generated:{name} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            found.append(name)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)
+    return found
