@@ -170,3 +170,34 @@ def test_paired_latency_needs_five_repeats():
         paired_latency(lambda: None, lambda: None, repeats=3)
     r = paired_latency(lambda: None, lambda: None, repeats=5)
     assert r["repeats"] == 5 and r["ratio"] > 0
+
+
+def test_frcnn_training_resumes_to_identical_weights(tmp_path, monkeypatch):
+    from detrq.data.synthetic import make_dataset
+    from detrq.int8 import train as frcnn_train
+
+    make_dataset(tmp_path / "data", 16, 4, seed=5, progress=False)
+    model_cfg = FrcnnConfig(stem=8, stages=(8, 16, 32, 64), fpn_channels=16, representation=64, image_size=64)
+
+    def config(name):
+        return frcnn_train.FrcnnTrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / name), iters=4,
+                                            batch_size=2, save_every=2, eval_every=100, warmup_iters=1)
+
+    whole = frcnn_train.train_frcnn(config("a.pth"), model_cfg, progress=False)
+    assert whole["iterations"] == 4 and len(whole["sha256"]) == 64
+
+    real = frcnn_train._lr_factor
+
+    def interrupt_at_3(it, cfg):
+        if it == 3:
+            raise KeyboardInterrupt
+        return real(it, cfg)
+
+    monkeypatch.setattr(frcnn_train, "_lr_factor", interrupt_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        frcnn_train.train_frcnn(config("b.pth"), model_cfg, progress=False)
+    monkeypatch.setattr(frcnn_train, "_lr_factor", real)
+    frcnn_train.train_frcnn(config("b.pth"), model_cfg, progress=False)
+    # weights, not file hashes: torch.save names the archive's records after the file
+    a, b = (torch.load(tmp_path / n, weights_only=True)["model"] for n in ("a.pth", "b.pth"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -63,11 +63,12 @@ def train_frcnn(cfg: FrcnnTrainConfig, model_cfg: FrcnnConfig = FrcnnConfig(), p
     val_set = detection_dataset(cfg.data, "val", model_cfg.image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = Path(cfg.out + ".state.pt")
-    run_key = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}
+    # JSON-normalised (tuples become lists) so that it compares equal after a torch.save round trip.
+    run_key = json.loads(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}))
     start, wall, history = 0, 0.0, []
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["key"] != json.loads(json.dumps(run_key)):
+        if state["key"] != run_key:
             raise DetrqError(f"{state_path} was written with a different config; delete it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
