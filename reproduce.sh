@@ -49,10 +49,14 @@ run_notebooks() {  # run_notebooks PARAMS_FILE [--set KEY=VALUE ...]
   step "notebooks 01-04 with $1" .venv/bin/python -m detrq notebooks --params "$@"
 }
 
-run_default() {
-  setup_venv
+ensure_data() {
   step "synthetic data (generated if missing)" .venv/bin/python -c \
     "from detrq.cli import EMBEDDED, ensure_embedded_data; ensure_embedded_data(EMBEDDED['data'])"
+}
+
+run_default() {
+  setup_venv
+  ensure_data
   run_notebooks params/default.yaml
   step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet
   .venv/bin/python -m detrq readme --runtime "${TIMES[@]}"
@@ -83,6 +87,7 @@ run_full() {
 
 run_tests() {
   setup_venv
+  ensure_data  # the notebooks that nbval re-executes read the synthetic set
   step "pytest" .venv/bin/python -m pytest -q "$@"
   # nbval re-executes the committed notebooks with their recorded parameters; the cached results make it quick.
   step "nbval" .venv/bin/python -m pytest -q --nbval-lax --nbval-current-env notebooks/
