@@ -7,6 +7,7 @@ cached file instead of recomputing when the key matches.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -115,9 +116,10 @@ def run_allocation(model: nn.Module, traces: dict[str, Any] | str | Path, avg_bi
         raise DetrqError(f"traces layer {missing[0]!r} is not a quantizable layer of this model")
     weights = {n: layers[n].detach() for n in traces["layers"]}
     numel = {n: w.numel() for n, w in weights.items()}
-    key = cache_key(kind="allocation", traces=traces.get("cache_key"), avg_bits=avg_bits,
-                    bits=[bits_range.start, bits_range.stop - 1], weights=[float(w.abs().sum()) for w in
-                                                                          weights.values()])
+    # The weights enter the key by their exact bytes: a float reduction would depend on the thread count.
+    weights_digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in weights.values())).hexdigest()
+    key = cache_key(kind="allocation", traces=traces.get("cache_key"), avg_bits=float(avg_bits),
+                    bits=[bits_range.start, bits_range.stop - 1], weights=weights_digest)
     cached = load_cached(out, key)
     if cached is not None:
         return cached
