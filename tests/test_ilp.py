@@ -44,7 +44,7 @@ def test_matches_brute_force(seed):
         for choice in itertools.product(range(3, 7), repeat=len(names))
         if used_average(dict(zip(names, choice)), numel) <= budget
     )
-    bit_map = allocate_bits(omega, numel, budget, time_limit=10)
+    bit_map = allocate_bits(omega, numel, budget, time_limit=60)  # optimality is the property, not speed
     assert used_average(bit_map, numel) <= budget
     assert objective(omega, bit_map) == pytest.approx(best[0], rel=1e-9)
 
