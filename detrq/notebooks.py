@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from detrq.errors import DetrqError
-from detrq.pipeline import PROJECT_ROOT, atomic_output, resolve_path
+from detrq.pipeline import PROJECT_ROOT, resolve_path
 from detrq.plots import OTHER_REGION, REGIONS, layer_region
+from detrq.results import atomic_output
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS: tuple[str, ...] = ("01_hessian_traces", "02_bit_allocation", "03_table1", "04_figures")

@@ -8,10 +8,7 @@ cached file instead of recomputing when the key matches.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,22 +172,6 @@ def resolve_path(path: str | Path) -> Path:
     files whether papermill or nbval starts it in the repository root or in ``notebooks/``."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """``with atomic_output(p) as tmp: write tmp`` then rename to ``p``: as ``write_json_atomic``, for files
-    written by other libraries (CSV, Markdown, matplotlib); a failure leaves an earlier ``p`` untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def traces_path(results_dir: str | Path, metric: str) -> Path:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from detrq.errors import DetrqError
 from detrq.hessian import METRICS
-from detrq.pipeline import atomic_output
+from detrq.results import atomic_output
 from detrq.table1 import SCHEME_NAMES
 
 # Where each quantizable layer belongs, by parameter-name prefix (official names); the rest are the box MLP's

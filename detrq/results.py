@@ -8,30 +8,38 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from detrq.errors import DetrqError
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temp file in the same directory and a rename.
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_output(p) as tmp:`` write ``tmp``; on success it is renamed to ``p`` (mode 0644).
 
-    A crash or an exception while serialising leaves any earlier file at ``path`` untouched.
+    The temp file lives in ``p``'s directory, so the rename is atomic; a failure leaves an earlier ``p`` untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (see ``atomic_output``)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 from detrq.data.coco import CocoDetection
 from detrq.errors import DetrqError
 from detrq.models.detr import DETR
-from detrq.pipeline import atomic_output, run_evaluation
+from detrq.pipeline import run_evaluation
 from detrq.quant import uniform_bit_map
-from detrq.results import write_json_atomic
+from detrq.results import atomic_output, write_json_atomic
 
 # Table 1 of Huang, Yang et al., "Output Sensitivity-Aware DETR Quantization" (AAAI, 2023):
 # COCO 2017 val mAP (%) of the official DETR-R50 under weight-only PTQ. Keys are (precision, scheme).
