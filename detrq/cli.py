@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from detrq.errors import DetrqError
+from detrq.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = {  # the embedded default: where its data and checkpoint live and how the data is made
     "data": PROJECT_ROOT / "data" / "synthetic",
     "checkpoint": PROJECT_ROOT / "checkpoints" / "detr_mini.pth",

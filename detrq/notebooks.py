@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from detrq.errors import DetrqError
-from detrq.pipeline import PROJECT_ROOT, resolve_path
+from detrq.paths import PROJECT_ROOT
+from detrq.pipeline import resolve_path
 from detrq.plots import OTHER_REGION, REGIONS, layer_region
 from detrq.results import atomic_output
 

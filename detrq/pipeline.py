@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from detrq.cache import cache_key, load_cached
-from detrq.cli import PROJECT_ROOT
 from detrq.data.coco import CocoDetection, EvalTransform, class_balanced_subset, collate
 from detrq.errors import DetrqError
 from detrq.evaluate import evaluate
 from detrq.hessian import METRICS, distillation_term_traces, sensitivity, total_trace
 from detrq.ilp import allocate_bits, sensitivity_costs
 from detrq.models.detr import DETR, build_detr, load_checkpoint
+from detrq.paths import PROJECT_ROOT
 from detrq.quant import average_bits, quantizable_layers, quantize_tensor, quantized, model_size_bits
 from detrq.results import environment, read_json, sha256_file, write_json_atomic
 
