@@ -4,14 +4,14 @@
 #   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda]   the paper's setting (DETR-R50, COCO 2017)
 #   ./reproduce.sh test                                         pytest, then nbval on the committed notebooks
 # Each sets up .venv with the pinned dependencies first when it is missing or out of date. The runs execute
-# notebooks/01..04 with papermill (parameters from params/*.yaml); the executed copies replace the committed
+# notebooks/01..05 with papermill (parameters from params/*.yaml); the executed copies replace the committed
 # ones, and the results and figures go to results/ and figures/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
   cat <<'TXT'
-usage: ./reproduce.sh                                        run the embedded default (CPU, about 10 minutes)
+usage: ./reproduce.sh                                        run the embedded default (CPU, about 25 minutes)
        ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu]
                                                              run the paper's setting on COCO 2017 (GPU)
        ./reproduce.sh test                                   run the tests, then nbval on the notebooks
@@ -45,8 +45,12 @@ step() {  # step NAME CMD...: run and time one step
   TIMES+=("$name=$((SECONDS - t0))")
 }
 
+PAPER_NOTEBOOKS="01_hessian_traces 02_bit_allocation 03_table1 04_figures"
 run_notebooks() {  # run_notebooks PARAMS_FILE [--set KEY=VALUE ...]
-  step "notebooks 01-04 with $1" .venv/bin/python -m detrq notebooks --params "$@"
+  # shellcheck disable=SC2086
+  step "notebooks 01-04 with $1" .venv/bin/python -m detrq notebooks --params "$@" --only $PAPER_NOTEBOOKS
+  step "notebook 05 (sensitivity check) with $1" .venv/bin/python -m detrq notebooks --params "$@" \
+    --only 05_sensitivity_check
 }
 
 ensure_data() {

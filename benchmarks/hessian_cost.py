@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from detrq.hessian import layer_traces, sensitivity_objective, tracing
+from detrq.hessian import TraceSettings, layer_traces, sensitivity_objective, tracing
 from detrq.models.detr import build_detr
 from detrq.quant import quantizable_layers
 
@@ -61,7 +61,8 @@ def synthetic_batch(images: int, size: int, num_classes: int, seed: int) -> tupl
 def measure(model, batch, metric: str, repeats: int, probes: int) -> dict[str, float]:
     names = list(quantizable_layers(model))
     with tracing(model, names) as params:
-        loss_fn, (item,) = sensitivity_objective(model, [batch], metric)
+        objective = sensitivity_objective(model, [batch], metric)
+        loss_fn, (item,) = objective.loss, objective.items
         tensors = list(params.values())
         probe = [torch.randint(0, 2, t.shape).float() * 2 - 1 for t in tensors]
 
@@ -73,8 +74,8 @@ def measure(model, batch, metric: str, repeats: int, probes: int) -> dict[str, f
             torch.autograd.grad(grads, tensors, grad_outputs=probe)
 
         def amortised() -> None:
-            layer_traces(loss_fn, params, batches=[item], max_probes=probes, min_probes=probes,
-                         probes_per_pass=probes)
+            layer_traces(objective, params, TraceSettings(max_probes=probes, min_probes=probes,
+                                                          probes_per_pass=probes))
 
         def per_layer_loop() -> None:
             for t, v in zip(tensors, probe):

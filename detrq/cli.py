@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from detrq.costs import NEGATIVE_POLICIES
 from detrq.errors import DetrqError
+from detrq.hessian import ALL_METRICS, BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS
 from detrq.paths import PROJECT_ROOT
 
 EMBEDDED = {  # the embedded default: where its data and checkpoint live and how the data is made
@@ -92,19 +94,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_traces(args: argparse.Namespace) -> None:
-    from detrq.pipeline import TraceSettings, load_model, run_traces
+    from detrq.hessian import FIRST_ORDER, TraceSettings, rel_stderr
+    from detrq.pipeline import load_model, run_traces
 
+    settings = TraceSettings(num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
+                             estimator=args.estimator, blocks=args.blocks, max_probes=args.max_probes,
+                             min_probes=args.min_probes, rel_tol=args.rel_tol, probes_per_pass=args.probes_per_pass,
+                             seed=args.seed, jacobian=args.jacobian, jacobian_probes=args.jacobian_probes)
     checkpoint, coco, split = _resolve(args, "train")
     model, sha = load_model(args.preset, checkpoint, args.device)
-    settings = TraceSettings(num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
-                             max_probes=args.max_probes, min_probes=args.min_probes, rel_tol=args.rel_tol,
-                             seed=args.seed)
     out = args.out or f"results/traces_{args.metric}.json"
     result = run_traces(model, sha, coco, split, args.metric, out, settings, device=args.device,
                         progress=not args.quiet)
-    worst = max(v["stderr"] / abs(v["trace"]) if v["trace"] else float("inf") for v in result["layers"].values())
-    probes = max(v["n_probes"] for v in result["layers"].values())
-    print(f"{len(result['layers'])} layers, {probes} probes, worst relative stderr {worst:.3f}; wrote {out}")
+    entries = [v["kl"] if args.metric == FIRST_ORDER else v for v in result["layers"].values()]
+    worst = max(rel_stderr(e) for e in entries)
+    probes = max(e["n_probes"] for e in entries)
+    print(f"{len(result['layers'])} layers, {args.estimator}, {probes} probes, worst relative stderr {worst:.3f}; "
+          f"wrote {out}")
 
 
 def cmd_allocate(args: argparse.Namespace) -> None:
@@ -122,7 +128,8 @@ def cmd_allocate(args: argparse.Namespace) -> None:
                          f"{traces['checkpoint_sha256'][:12]}, this one {sha[:12]})")
     bits = parse_bits_range(args.bits) if args.bits else paper_bits_range(args.avg_bits)
     out = args.out or f"results/bitmap_{traces['metric']}_{args.avg_bits:g}bit.json"
-    result = run_allocation(model, traces, args.avg_bits, bits, out, time_limit=args.time_limit)
+    result = run_allocation(model, traces, args.avg_bits, bits, out, negative_traces=args.negative_traces,
+                            time_limit=args.time_limit)
     print(f"{result['metric']}: average {result['avg_bits']:.3f} bits (target {args.avg_bits:g}, range "
           f"{bits.start}-{bits.stop - 1}), objective {result['objective']:.4g}; wrote {out}")
 
@@ -188,8 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("traces", help="per-layer Hutchinson Hessian traces for one sensitivity metric")
     _add_model_args(s, "split the Hessian images come from (default: train for mini, train2017 otherwise)")
-    s.add_argument("--metric", required=True, choices=["loss", "out-float", "out-quant"],
-                   help="loss: training loss (Loss Sen); out-float / out-quant: Eq. (5) at float / 8-bit weights")
+    s.add_argument("--metric", required=True, choices=list(ALL_METRICS),
+                   help="loss: training loss (Loss Sen); out-float / out-quant: Eq. (5) at float / 8-bit weights; "
+                        "out-first-order: KL trace + box Jacobian row-norm sums (beyond the paper)")
+    s.add_argument("--estimator", default="hutchinson", choices=list(ESTIMATORS),
+                   help="trace estimator (default: %(default)s); ggn is exact for out-float only")
+    s.add_argument("--blocks", default="layer", choices=list(BLOCKS), help="blockwise: probe blocks (default: "
+                                                                           "%(default)s)")
+    s.add_argument("--jacobian", default="rows", choices=list(JACOBIAN_ESTIMATORS),
+                   help="out-first-order: Jacobian row-norm sum estimator (default: %(default)s)")
+    s.add_argument("--jacobian-probes", type=int, default=64, help="out-first-order: its probes (default: "
+                                                                   "%(default)s)")
+    s.add_argument("--probes-per-pass", type=int, default=10, help="probes per graph (default: %(default)s)")
     s.add_argument("--num-images", type=int, default=100, help="class-balanced Hessian images (default: %(default)s)")
     s.add_argument("--image-seed", type=int, default=0, help="seed of the image sample (default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=10, help="images per HVP batch (default: %(default)s)")
@@ -201,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="default: results/traces_<metric>.json")
     s.set_defaults(func=cmd_traces)
 
-    s = sub.add_parser("allocate", help="ILP bit allocation from a traces file (Eq. (2) / (4))")
+    s = sub.add_parser("allocate", help="ILP bit allocation from a traces or measured-costs file (Eq. (2) / (4))")
     s.add_argument("--traces", required=True, help="a results/traces_<metric>.json file")
     s.add_argument("--avg-bits", type=float, required=True, help="average bits over the quantized weights")
     s.add_argument("--bits", help="per-layer range LO-HI (default: the paper's, 3-6 up to 5 bits, else 4-7)")
     s.add_argument("--preset", default="mini", help="model preset (default: %(default)s)")
     s.add_argument("--checkpoint", help="the checkpoint the traces were taken on (default for mini: committed)")
+    s.add_argument("--negative-traces", default="keep", choices=list(NEGATIVE_POLICIES),
+                   help="what the ILP does with a negative trace estimate (default: %(default)s)")
     s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
     s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
     s.set_defaults(func=cmd_allocate)
@@ -224,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the embedded default's measured step times (reproduce.sh passes them)")
     s.set_defaults(func=cmd_readme)
 
-    s = sub.add_parser("notebooks", help="run notebooks/01..04 with papermill on a parameter file (reproduce.sh)")
+    s = sub.add_parser("notebooks", help="run notebooks/01..05 with papermill on a parameter file (reproduce.sh)")
     s.add_argument("--params", required=True, help="YAML parameter file, e.g. params/default.yaml")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter (repeatable), e.g. --set device=cuda")

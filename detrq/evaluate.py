@@ -32,11 +32,11 @@ def _valid_or_none(value: float) -> float | None:
     return None if value < 0 else float(value)
 
 
-def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, Any]:
-    """COCO bbox metrics of ``detections`` ({"image_id", "category_id", "bbox" xywh, "score"}) on ``image_ids``.
+def _accumulated(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int],
+                 ap_only: bool = False) -> COCOeval:
+    """COCOeval of ``detections`` on ``image_ids`` after ``evaluate`` and ``accumulate`` (stdout silenced).
 
-    Returns AP, AP50, AP75, APs, APm, APl, AR100 as fractions and "per_class" {category id as str: AP}.
-    A metric with no ground truth to measure is None. No detections give 0 wherever ground truth exists.
+    ``ap_only`` restricts it to the area range "all" and 100 detections, all that AP needs: the same AP, 4x faster.
     """
     ids = [int(i) for i in image_ids]
     # pycocotools prints its progress; keep stdout clean for notebooks and nbval.
@@ -52,8 +52,30 @@ def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids:
             coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.imgIds = ids
+        if ap_only:
+            evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
+            evaluator.params.maxDets = [100]
         evaluator.evaluate()
         evaluator.accumulate()
+    return evaluator
+
+
+def coco_ap(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> float | None:
+    """``coco_metrics(...)["AP"]`` alone, computed as COCOeval's summary does, without the other area ranges."""
+    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]; area "all", 100 dets.
+    precision = _accumulated(coco_gt, detections, image_ids, ap_only=True).eval["precision"][:, :, :, 0, -1]
+    valid = precision[precision > -1]
+    return float(np.mean(valid)) if valid.size else None
+
+
+def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, Any]:
+    """COCO bbox metrics of ``detections`` ({"image_id", "category_id", "bbox" xywh, "score"}) on ``image_ids``.
+
+    Returns AP, AP50, AP75, APs, APm, APl, AR100 as fractions and "per_class" {category id as str: AP}.
+    A metric with no ground truth to measure is None. No detections give 0 wherever ground truth exists.
+    """
+    evaluator = _accumulated(coco_gt, detections, image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
         evaluator.summarize()
     metrics: dict[str, Any] = {name: _valid_or_none(evaluator.stats[i]) for name, i in _STATS.items()}
     # precision: [IoU thresholds, recall points, categories, area ranges, max dets]; area "all", 100 dets.
@@ -74,6 +96,29 @@ def _default_postprocess() -> Postprocess:
     return postprocess
 
 
+def outputs_to_detections(outputs: dict[str, Tensor], targets: Sequence[dict[str, Any]],
+                          postprocess: Postprocess | None = None) -> list[dict[str, Any]]:
+    """A batch's model outputs as COCO detections ({"image_id", "category_id", "bbox" xywh, "score"}).
+
+    ``targets`` give each image's ``image_id`` and ``orig_size`` (h, w); ``postprocess`` (default: the official
+    PostProcess) turns the outputs into absolute xyxy boxes. Every query is kept: no threshold, no top-k.
+    """
+    postprocess = postprocess or _default_postprocess()
+    sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
+    detections: list[dict[str, Any]] = []
+    for target, result in zip(targets, postprocess(outputs, sizes)):
+        boxes = result["boxes"].cpu()
+        x0, y0, x1, y1 = boxes.unbind(-1)
+        xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1).tolist()
+        scores = result["scores"].cpu().tolist()
+        labels = result["labels"].cpu().tolist()
+        detections.extend(
+            {"image_id": target["image_id"], "category_id": int(label), "bbox": box, "score": score}
+            for box, score, label in zip(xywh, scores, labels)
+        )
+    return detections
+
+
 def evaluate(
     model: nn.Module,
     dataset: CocoDetection,
@@ -85,7 +130,9 @@ def evaluate(
     postprocess: Postprocess | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` (the first ``max_images`` images if given) and return COCO metrics
-    plus "protocol". The model is moved to ``device`` and put in eval mode; its training flag is restored.
+    plus "protocol" and "detections" (the raw detection list scored by ``coco_metrics``: dicts with
+    "image_id", "category_id", "bbox" xywh, "score"; ``detrq.bootstrap`` resamples them).
+    The model is moved to ``device`` and put in eval mode; its training flag is restored.
     """
     if batch_size < 1 or (max_images is not None and max_images < 1):
         raise DetrqError(f"batch_size and max_images must be at least 1, got {batch_size} and {max_images}")
@@ -102,17 +149,7 @@ def evaluate(
         with torch.no_grad():
             for images, targets in tqdm(loader, desc="eval", unit="batch", disable=not progress):
                 outputs = model([im.to(device) for im in images])
-                sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-                for target, result in zip(targets, postprocess(outputs, sizes)):
-                    boxes = result["boxes"].cpu()
-                    x0, y0, x1, y1 = boxes.unbind(-1)
-                    xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1).tolist()
-                    scores = result["scores"].cpu().tolist()
-                    labels = result["labels"].cpu().tolist()
-                    detections.extend(
-                        {"image_id": target["image_id"], "category_id": int(label), "bbox": box, "score": score}
-                        for box, score, label in zip(xywh, scores, labels)
-                    )
+                detections.extend(outputs_to_detections(outputs, targets, postprocess))
     finally:
         model.train(was_training)
     metrics = coco_metrics(dataset.coco, detections, [dataset.ids[i] for i in indices])
@@ -123,4 +160,5 @@ def evaluate(
         "transform": dataset.transform.describe(),
         "device": str(device),
     }
+    metrics["detections"] = detections
     return metrics

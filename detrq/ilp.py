@@ -1,48 +1,19 @@
-"""Bit allocation: the Eq. (2)/(4) sensitivity costs and the integer linear program that picks bits per layer."""
+"""Bit allocation: the integer linear program that picks one bit width per layer from a cost table (costs.py)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import mip
-from torch import Tensor
 
 from detrq.errors import DetrqError
-from detrq.quant import MAX_BITS, MIN_BITS, quantize_tensor
+from detrq.quant import MAX_BITS, MIN_BITS
 
 # Slack on the budget check after solving: the constraint is built from floats.
 _BUDGET_RTOL = 1e-9
 # Largest scaled cost handed to CBC (see allocate_bits' note on scaling).
 _MAX_SCALED_COST = 1e20
-
-
-def sensitivity_costs(
-    traces: Mapping[str, float],
-    weights: Mapping[str, Tensor],
-    bits_range: Iterable[int],
-    reference: Mapping[str, Tensor] | None = None,
-) -> dict[str, dict[int, float]]:
-    """ILP costs ``omega[name][bits] = avg_trace * ||Q_bits(W) - W_ref||^2``: the terms of Eq. (2) and (4).
-
-    ``traces`` are the averaged traces (``TraceEstimate.avg_trace``). ``W_ref`` is ``W`` itself for Loss Sen
-    and Out Sen Float (Eq. (2)); for Out Sen Quant (Eq. (4)) pass ``reference={name: quantize_tensor(W, 8)}``,
-    the 8-bit point where the traces were taken. Squared norms are summed in float64. Negative trace
-    estimates are kept as they are: the traces file shows them, and clipping would hide a real finding.
-    """
-    bits_list = sorted(set(bits_range))
-    if not bits_list:
-        raise DetrqError("sensitivity_costs: bits_range is empty")
-    missing = [n for n in traces if n not in weights or (reference is not None and n not in reference)]
-    if missing:
-        raise DetrqError(f"sensitivity_costs: no weight (or reference) for layer {missing[0]!r}")
-    omega = {}
-    for name, avg_trace in traces.items():
-        w = weights[name].detach()
-        ref = (w if reference is None else reference[name].detach()).double()
-        omega[name] = {b: float(avg_trace) * (quantize_tensor(w, b).double() - ref).pow(2).sum().item()
-                       for b in bits_list}
-    return omega
 
 
 def allocate_bits(

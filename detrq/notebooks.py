@@ -20,13 +20,15 @@ from typing import Any
 import yaml
 
 from detrq.errors import DetrqError
+from detrq.hessian import FIRST_ORDER, rel_stderr
 from detrq.paths import PROJECT_ROOT
 from detrq.pipeline import resolve_path
-from detrq.plots import OTHER_REGION, REGIONS, layer_region
+from detrq.quant import OTHER_REGION, REGIONS, layer_region
 from detrq.results import atomic_output
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-NOTEBOOKS: tuple[str, ...] = ("01_hessian_traces", "02_bit_allocation", "03_table1", "04_figures")
+NOTEBOOKS: tuple[str, ...] = ("01_hessian_traces", "02_bit_allocation", "03_table1", "04_figures",
+                              "05_sensitivity_check")
 # Parameters that name input files: they must be given (full.yaml leaves them null) and exist.
 REQUIRED_PATHS: tuple[str, ...] = ("checkpoint", "coco_root")
 
@@ -131,23 +133,83 @@ def run_notebooks(params: dict[str, Any], out_dir: str | Path = NOTEBOOK_DIR, *,
 
 # --- What the notebooks print last (nbval compares these): short and rounded -----------------------------------
 
+def _trace_line(name: str, tr: dict[str, Any]) -> str:
+    if tr["metric"] == FIRST_ORDER:
+        kl = [v["kl"] for v in tr["layers"].values()]
+        jac = [v["jacobian"] for v in tr["layers"].values()]
+        rel = statistics.median(j["stderr"] / j["sum"] for j in jac if j["sum"] > 0)
+        return (f"{name:16s}: KL traces ({tr['estimator']}) median rel stderr "
+                f"{statistics.median(rel_stderr(e) for e in kl if e['trace']):.3f}, Jacobian row-norm sums "
+                f"({jac[0]['estimator']}, {jac[0]['n_probes']} probes) median rel stderr {rel:.3f}")
+    est = list(tr["layers"].values())
+    positive = [e["avg_trace"] for e in est if e["avg_trace"] > 0]
+    median_log = f"{statistics.median(math.log10(a) for a in positive):.1f}" if positive else "n/a"
+    worst = max(rel_stderr(e) for e in est)
+    median_rel = statistics.median(rel_stderr(e) for e in est)
+    return (f"{name:16s}: {tr['estimator']}, median log10 avg trace {median_log}, {len(est) - len(positive)} of "
+            f"{len(est)} <= 0, probes {max(e['n_probes'] for e in est)}, rel stderr median {median_rel:.2f} "
+            f"worst {worst:.2f}")
+
+
 def traces_summary(traces: dict[str, dict[str, Any]], stability: dict[str, Any], curvature: dict[str, Any]) -> str:
-    """Notebook 01: per metric the typical log10 trace, non-positive estimates, probes and noise; the checks."""
+    """Notebook 01: per scheme the estimator, typical log10 trace, non-positive estimates and noise; the checks."""
     first = next(iter(traces.values()))
     lines = [f"Hessian images: {len(first['image_ids'])} from {first['split']}, layers: {len(first['layers'])}"]
-    for metric, tr in traces.items():
-        est = list(tr["layers"].values())
-        positive = [e["avg_trace"] for e in est if e["avg_trace"] > 0]
-        median_log = f"{statistics.median(math.log10(a) for a in positive):.1f}" if positive else "n/a"
-        worst = max(e["stderr"] / abs(e["trace"]) if e["trace"] else float("inf") for e in est)
-        lines.append(f"{metric:9s}: median log10 avg trace {median_log}, {len(est) - len(positive)} of {len(est)} "
-                     f"<= 0, probes {max(e['n_probes'] for e in est)}, worst rel stderr {worst:.2f}")
+    lines += [_trace_line(name, tr) for name, tr in traces.items()]
     lines.append(f"stability: {stability['num_sets']} sets of {stability['set_size']}, mean loss "
                  f"{stability['mean']:.3g}, var/mean {stability['var_over_mean']:.2g} (< {stability['threshold']:g}: "
                  f"{stability['holds']}), std/mean {stability['std_over_mean']:.2g}")
     for point, terms in curvature["points"].items():
         lines.append(f"Eq.(5) curvature at {point} weights: total trace L1 {terms['l1']['trace']:.2g}, "
                      f"KL {terms['kl']['trace']:.2g}; layers without any: {len(terms['eq5']['zero_layers'])}")
+    return "\n".join(lines)
+
+
+def _layer_value(entry: dict[str, Any], first_order: bool) -> tuple[float, float]:
+    """A layer's estimate and stderr as the traces table shows them (first-order: the Jacobian row-norm sum)."""
+    if first_order:
+        return entry["jacobian"]["sum"], entry["jacobian"]["stderr"]
+    return entry["avg_trace"], entry["stderr"] / entry["numel"]
+
+
+def traces_markdown(traces: dict[str, dict[str, Any]], replicas: list[dict[str, dict[str, Any]]] = ()) -> str:
+    """Notebook 01: per layer and scheme, the estimate ± stderr (Tr/|W|; for the first-order metric the KL
+    Tr/|W| and the Jacobian row-norm sum S_l), and the largest |difference| of another probe seed's estimate in
+    units of the combined stderr (z)."""
+    names = list(traces)
+    head = ["layer"]
+    for n in names:
+        head += ([f"{n} KL Tr/|W|", f"{n} S_l"] if traces[n]["metric"] == FIRST_ORDER else [f"{n} Tr/|W|"]) + ["z"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for layer in next(iter(traces.values()))["layers"]:
+        cells = [f"`{layer}`"]
+        for n in names:
+            tr = traces[n]
+            first_order = tr["metric"] == FIRST_ORDER
+            entry = tr["layers"][layer]
+            if first_order:
+                kl = entry["kl"]
+                cells.append(f"{kl['avg_trace']:.3g} ± {kl['stderr'] / kl['numel']:.2g}")
+            value, err = _layer_value(entry, first_order)
+            cells.append(f"{value:.3g} ± {err:.2g}")
+            zs = []
+            for rep in replicas:
+                other, other_err = _layer_value(rep[n]["layers"][layer], first_order)
+                combined = math.hypot(err, other_err)
+                zs.append(abs(other - value) / combined if combined else 0.0)
+            cells.append(f"{max(zs):.1f}" if zs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_stability_summary(check: dict[str, Any]) -> str:
+    """Notebooks 01/02: per scheme and budget, the worst pairwise bit-map agreement and the objective spread."""
+    lines = [f"bit maps of {check['seeds']} probe seeds (stable: agreement >= {check['min_agreement_required']:.0%} "
+             f"of weights and objectives within {check['max_objective_spread']:.0%}):"]
+    for scheme, by_target in check["schemes"].items():
+        cells = ", ".join(f"{t} bits {v['min_agreement']:.0%} / {v['objective_spread']:.1%}"
+                          for t, v in by_target.items())
+        lines.append(f"{scheme:16s}: {'stable' if check['stable'][scheme] else 'NOT stable'} ({cells})")
     return "\n".join(lines)
 
 
@@ -171,16 +233,24 @@ def allocation_summary(allocations: dict[str, dict[float, dict[str, Any]]]) -> s
             lo, hi = a["bits_range"]
             counts = "/".join(str(sum(b == k for b in a["bit_map"].values())) for k in range(lo, hi + 1))
             regions = ", ".join(f"{r} {v:.1f}" for r, v in region_mean_bits(a["bit_map"]).items())
-            lines.append(f"{metric:9s} target {target:g} ({lo}-{hi}): avg {a['avg_bits']:.2f} bits, layers at "
+            lines.append(f"{metric:16s} target {target:g} ({lo}-{hi}): avg {a['avg_bits']:.2f} bits, layers at "
                          f"{lo}..{hi}: {counts}; mean bits per layer: {regions}")
     return "\n".join(lines)
 
 
 def table1_summary(table: dict[str, Any], claims: list[dict[str, Any]]) -> str:
     """Notebook 03: every row's AP (1 decimal) beside the paper's, and how many claims hold."""
-    lines = [f"{r['precision']:>5s} {r['scheme']:9s} AP {r['AP']:5.1f} (paper {r['paper_AP']:.1f}) "
-             f"bits {r['avg_bits']:.2f}" for r in table["rows"]]
-    lines.append(f"claims holding: {sum(c['holds'] for c in claims)} of {len(claims)}")
+    lines = []
+    for r in table["rows"]:
+        paper = f"(paper {r['paper_AP']:.1f})" if r["paper_AP"] is not None else "(beyond the paper)"
+        ci = r.get("delta_ci")
+        delta = "" if r["delta_vs_uniform"] is None else f" delta {r['delta_vs_uniform']:+.1f}" + (
+            f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+        lines.append(f"{r['precision']:>5s} {r['scheme']:16s} AP {r['AP']:5.1f} {paper} bits {r['avg_bits']:.2f}"
+                     f"{delta}")
+    verdicts = [c["verdict"] for c in claims]
+    lines.append("claims: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("holds", "does not hold", "inconclusive"))
+                 + f" (of {len(claims)})")
     return "\n".join(lines)
 
 
@@ -193,4 +263,21 @@ def figures_summary(fig1: dict[str, Any], fig2: dict[str, Any], files: list[Path
     for m, bits in fig2["bits"].items():
         lines.append(f"fig2 {m:9s}: average {fig2['avg_bits'][m]:.2f} bits (target {fig2['target']:g}), "
                      f"{min(bits)}-{max(bits)} bits per layer")
+    return "\n".join(lines)
+
+
+def sensitivity_summary(check: dict[str, Any]) -> str:
+    """Notebook 05: the measured Eq. (5) split, rho at 4 bits per default scheme, the policy choice, targets."""
+    d = check["decomposition"]
+    lines = [f"measured Eq.(5) rise, one layer at {d['bits']} bits: L1 share median {d['median_l1_share']:.3f}, "
+             f"min {d['min_l1_share']:.3f}"]
+    for r in check["rho_default"]:
+        lines.append(f"rho vs measured rise at 4 bits {r['scheme']:32s} {r['rho']:+.2f} [{r['low']:+.2f}, "
+                     f"{r['high']:+.2f}]")
+    choice = check["policy_choice"]
+    means = ", ".join(f"{p} {v:.2f}" for p, v in choice["mean_pooled_rho"].items())
+    lines.append(f"negative_traces: best by agreement {choice['best']} (mean pooled rho {means}); default "
+                 f"{check['negative_traces']}")
+    for t in check["targets"]:
+        lines.append(f"target {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['value']}")
     return "\n".join(lines)

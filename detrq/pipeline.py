@@ -8,20 +8,24 @@ cached file instead of recomputing when the key matches.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from detrq.bootstrap import save_detections
 from detrq.cache import cache_key, load_cached
 from detrq.data.coco import CocoDetection, EvalTransform, class_balanced_subset, collate
 from detrq.errors import DetrqError
 from detrq.evaluate import evaluate
-from detrq.hessian import METRICS, distillation_term_traces, sensitivity, total_trace
-from detrq.ilp import allocate_bits, sensitivity_costs
+from detrq.costs import cost_table
+from detrq.hessian import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, TraceSettings, check_metric,
+                           distillation_term_traces, first_order_sensitivity, sensitivity, total_trace)
+from detrq.ilp import allocate_bits
 from detrq.models.detr import DETR, build_detr, load_checkpoint
 from detrq.paths import PROJECT_ROOT
 from detrq.quant import average_bits, quantizable_layers, quantize_tensor, quantized, model_size_bits
@@ -29,17 +33,78 @@ from detrq.results import environment, read_json, sha256_file, write_json_atomic
 
 
 @dataclass(frozen=True)
-class TraceSettings:
-    """How the Hutchinson traces are estimated (all of it goes into the cache key)."""
+class Scheme:
+    """A sensitivity metric estimated one way: a Table 1 row group, and the name of its traces and bit-map files.
 
-    num_images: int = 100  # the paper's Hessian image set size
-    image_seed: int = 0  # seed of the class-balanced sample
-    batch_size: int = 10
-    max_probes: int = 100
-    min_probes: int = 20
-    rel_tol: float = 0.05
-    probes_per_pass: int = 10
-    seed: int = 0  # probe seed
+    The default scheme of a metric (``variant=False``) is named after the metric; a variant (an extra,
+    labelled row) is named ``<metric>-<estimator>``. The paper's three rows use the paper's Hessian, estimated
+    well: a GGN estimate of Loss Sen or Out Sen Quant is only an approximation of it and can only be a variant.
+    """
+
+    metric: str
+    estimator: str
+    variant: bool = False
+    probes: tuple[int, int] | None = None  # (min, max) probes of this scheme; None: the trace settings'
+
+    def __post_init__(self) -> None:
+        check_metric(self.metric)
+        TraceSettings(estimator=self.estimator, **self._probe_fields())  # validates the name and probe counts
+        if not self.variant and self.estimator == "ggn" and self.metric in ("loss", "out-quant"):
+            raise DetrqError(f"the {METRIC_NAMES[self.metric]} row uses the Hessian: ggn only approximates it "
+                             f"there; list '{self.metric}:ggn' under extra_variants instead")
+
+    @property
+    def name(self) -> str:
+        return f"{self.metric}-{self.estimator}" if self.variant else self.metric
+
+    def _probe_fields(self) -> dict[str, int]:
+        return {} if self.probes is None else {"min_probes": self.probes[0], "max_probes": self.probes[1]}
+
+    def settings(self, base: TraceSettings, replica: int = 0) -> TraceSettings:
+        """``base`` with this scheme's estimator and probe counts, and probe seed ``base.seed + replica``."""
+        return replace(base, estimator=self.estimator, seed=base.seed + replica, **self._probe_fields())
+
+    @property
+    def approximate(self) -> bool:
+        """True when the estimate is of an approximation of the metric's Hessian (GGN away from float weights)."""
+        return self.estimator == "ggn" and self.metric in ("loss", "out-quant")
+
+    @property
+    def label(self) -> str:
+        label = METRIC_NAMES[self.metric]
+        if self.variant:
+            note = "GGN approximation" if self.approximate else self.estimator
+            label = f"{label.replace(' (beyond the paper)', '')} [{note}] (beyond the paper)"
+        return label
+
+
+def schemes_from_params(estimators: dict[str, str], extra_variants: Iterable[str] = (),
+                        probes: dict[str, Sequence[int]] | None = None) -> list[Scheme]:
+    """The schemes of a run: one per metric in ``estimators`` ({metric: estimator}), in ``ALL_METRICS`` order,
+    then one per ``"metric:estimator"`` in ``extra_variants``. ``probes`` ({scheme name: [min, max]}) sets the
+    probe counts of the schemes it names (a blockwise probe costs one HVP per layer); the others use the trace
+    settings'."""
+    unknown = [m for m in estimators if m not in ALL_METRICS]
+    if unknown:
+        raise DetrqError(f"estimators: unknown metric {unknown[0]!r}; choose from {', '.join(ALL_METRICS)}")
+    specs = [(m, estimators[m], False) for m in ALL_METRICS if m in estimators]
+    for text in extra_variants:
+        metric, sep, estimator = str(text).partition(":")
+        if not sep:
+            raise DetrqError(f"extra variant {text!r} is not of the form METRIC:ESTIMATOR, e.g. out-quant:ggn")
+        specs.append((metric, estimator, True))
+    probes = dict(probes or {})
+    schemes = []
+    for metric, estimator, variant in specs:
+        name = Scheme(metric, estimator, variant).name
+        counts = probes.pop(name, None)
+        if counts is not None and (len(counts) != 2 or not all(isinstance(c, int) for c in counts)):
+            raise DetrqError(f"probes for {name!r} must be [min, max], got {counts!r}")
+        schemes.append(Scheme(metric, estimator, variant, None if counts is None else (counts[0], counts[1])))
+    if probes:
+        raise DetrqError(f"probes: {next(iter(probes))!r} is not a scheme of this run "
+                         f"({', '.join(s.name for s in schemes)})")
+    return schemes
 
 
 def load_model(preset: str, checkpoint: str | Path, device: str = "cpu", *, min_size: int | None = None,
@@ -75,86 +140,113 @@ def hessian_batches(dataset: CocoDetection, batch_size: int, device: str = "cpu"
 def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, metric: str, out: str | Path,
                settings: TraceSettings = TraceSettings(), *, device: str = "cpu", progress: bool = True
                ) -> dict[str, Any]:
-    """Per-layer Hessian traces for one metric on the class-balanced image set; writes and returns the JSON."""
-    if metric not in METRICS:
-        raise DetrqError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    """Per-layer sensitivities for one metric on the class-balanced image set; writes and returns the JSON.
+
+    For the paper's metrics ``layers`` holds one trace estimate per layer (``settings.estimator``); for the
+    first-order metric each layer holds ``{"kl": trace estimate, "jacobian": row-norm sum}`` and the file
+    holds Eq. (5)'s ``l1_scale``.
+    """
+    check_metric(metric)
     full = eval_dataset(model, root, split)
     image_ids = class_balanced_subset(full, settings.num_images, settings.image_seed)
     key = cache_key(kind="traces", metric=metric, checkpoint=checkpoint_sha, split=split, image_ids=image_ids,
-                    settings=settings.__dict__, transform=full.transform.describe(),
+                    settings=settings.to_dict(), transform=full.transform.describe(),
                     layers=list(quantizable_layers(model)))
     cached = load_cached(out, key)
     if cached is not None:
         return cached
     subset = eval_dataset(model, root, split, image_ids=image_ids)
-    estimates = sensitivity(model, hessian_batches(subset, settings.batch_size, device), metric,
-                            max_probes=settings.max_probes, min_probes=settings.min_probes,
-                            rel_tol=settings.rel_tol, probes_per_pass=settings.probes_per_pass, seed=settings.seed,
-                            progress=progress)
+    batches = hessian_batches(subset, settings.batch_size, device)
+    start = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if metric == FIRST_ORDER:
+        terms = first_order_sensitivity(model, batches, settings, progress=progress)
+        layers = {n: {"kl": est.to_dict(), "jacobian": terms["jacobian"][n]} for n, est in terms["kl"].items()}
+        extra = {"l1_scale": terms["l1_scale"], "num_queries": terms["num_queries"]}
+    else:
+        layers = {n: est.to_dict() for n, est in sensitivity(model, batches, metric, settings,
+                                                              progress=progress).items()}
     result = {
-        "cache_key": key, "metric": metric, "checkpoint_sha256": checkpoint_sha, "split": split,
-        "image_ids": image_ids, "settings": settings.__dict__, "transform": full.transform.describe(),
-        "layers": {name: est.to_dict() for name, est in estimates.items()}, "environment": environment(),
+        "cache_key": key, "metric": metric, "estimator": settings.estimator,
+        "approximation": settings.estimator == "ggn" and metric in ("loss", "out-quant"),
+        "checkpoint_sha256": checkpoint_sha, "split": split, "image_ids": image_ids,
+        "settings": settings.to_dict(), "transform": full.transform.describe(), "layers": layers, **extra,
+        "seconds": time.perf_counter() - start, "environment": environment(),
     }
     write_json_atomic(out, result)
     return result
 
 
-def run_allocation(model: nn.Module, traces: dict[str, Any] | str | Path, avg_bits: float, bits_range: range,
-                   out: str | Path, *, time_limit: float = 60.0) -> dict[str, Any]:
-    """The ILP bit map for one traces file and budget (Eq. (2) for loss/out-float, Eq. (4) for out-quant)."""
-    if not isinstance(traces, dict):
-        traces = read_json(traces)
-    if "layers" not in traces or "metric" not in traces:
-        raise DetrqError("the traces file has no 'layers'/'metric': pass a file written by `detrq traces`")
+def run_allocation(model: nn.Module, source: dict[str, Any] | str | Path, avg_bits: float, bits_range: range,
+                   out: str | Path, *, negative_traces: str = "keep", time_limit: float = 60.0) -> dict[str, Any]:
+    """The ILP bit map for one cost source and budget: a traces file (Eq. (2) for loss/out-float, Eq. (4) for
+    out-quant, the first-order cost for out-first-order) or a measured-costs file ("Measured Sen")."""
+    if not isinstance(source, dict):
+        source = read_json(source)
+    if "layers" not in source:
+        raise DetrqError("the cost source has no 'layers': pass a file written by `detrq traces` or a "
+                         "measured-costs file")
     layers = quantizable_layers(model)
-    missing = [n for n in traces["layers"] if n not in layers]
+    missing = [n for n in source["layers"] if n not in layers]
     if missing:
-        raise DetrqError(f"traces layer {missing[0]!r} is not a quantizable layer of this model")
-    weights = {n: layers[n].detach() for n in traces["layers"]}
+        raise DetrqError(f"layer {missing[0]!r} of the cost source is not a quantizable layer of this model")
+    weights = {n: layers[n].detach() for n in source["layers"]}
     numel = {n: w.numel() for n, w in weights.items()}
     # The weights enter the key by their exact bytes: a float reduction would depend on the thread count.
     weights_digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in weights.values())).hexdigest()
-    key = cache_key(kind="allocation", traces=traces.get("cache_key"), avg_bits=float(avg_bits),
-                    bits=[bits_range.start, bits_range.stop - 1], weights=weights_digest)
+    key = cache_key(kind="allocation", source=source.get("cache_key"), avg_bits=float(avg_bits),
+                    bits=[bits_range.start, bits_range.stop - 1], weights=weights_digest,
+                    negative_traces=negative_traces)
     cached = load_cached(out, key)
     if cached is not None:
         return cached
-    reference = {n: quantize_tensor(w, 8) for n, w in weights.items()} if traces["metric"] == "out-quant" else None
-    avg_traces = {n: v["avg_trace"] for n, v in traces["layers"].items()}
-    omega = sensitivity_costs(avg_traces, weights, bits_range, reference)
+    omega = cost_table(source, weights, bits_range, negative_traces)
     bit_map = allocate_bits(omega, numel, avg_bits, time_limit=time_limit)
     result = {
-        "cache_key": key, "metric": traces["metric"], "avg_bits_target": avg_bits,
+        "cache_key": key, "metric": source.get("metric", "measured"), "estimator": source.get("estimator"),
+        "negative_traces": negative_traces, "avg_bits_target": avg_bits,
         "bits_range": [bits_range.start, bits_range.stop - 1], "avg_bits": average_bits(bit_map, numel),
         "objective": sum(omega[n][b] for n, b in bit_map.items()),
         "size_bits": model_size_bits(model, bit_map), "float_size_bits": model_size_bits(model, {}),
-        "bit_map": bit_map, "traces_key": traces.get("cache_key"),
+        "bit_map": bit_map, "source_key": source.get("cache_key"),
     }
     write_json_atomic(out, result)
     return result
+
+
+def detections_path(out: str | Path) -> Path:
+    """The detections kept beside an evaluation file (``eval_X.json`` -> ``eval_X.detections.npz``)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".detections.npz")
 
 
 def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[str, int],
                    out: str | Path | None, *, batch_size: int = 8, device: str = "cpu", progress: bool = True,
-                   label: str | None = None) -> dict[str, Any]:
-    """COCO metrics of ``model`` with ``bit_map`` applied (restored after), cached in ``out`` when given."""
+                   label: str | None = None, keep_detections: bool = False) -> dict[str, Any]:
+    """COCO metrics of ``model`` with ``bit_map`` applied (restored after), cached in ``out`` when given.
+
+    With ``keep_detections`` the raw detections go to ``detections_path(out)`` (what the paired bootstrap
+    resamples) and a cache hit needs that file too.
+    """
     key = cache_key(kind="evaluate", checkpoint=checkpoint_sha,
                     annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
                     split=dataset.split, images=dataset.ids, batch_size=batch_size,
                     transform=dataset.transform.describe(), bit_map=bit_map)
     cached = load_cached(out, key) if out else None
-    if cached is not None:
+    if cached is not None and (not keep_detections or detections_path(out).is_file()):
         return cached
     with quantized(model, bit_map):
         metrics = evaluate(model, dataset, batch_size=batch_size, device=device, progress=progress)
     numel = {n: p.numel() for n, p in quantizable_layers(model).items()}
     result = {
-        "cache_key": key, "label": label, "metrics": {k: v for k, v in metrics.items() if k != "protocol"},
+        "cache_key": key, "label": label,
+        "metrics": {k: v for k, v in metrics.items() if k not in ("protocol", "detections")},
         "protocol": metrics["protocol"], "checkpoint_sha256": checkpoint_sha, "bit_map": bit_map,
         "avg_bits": average_bits(bit_map, numel) if bit_map else 32.0, "environment": environment(),
     }
     if out:
+        if keep_detections:
+            save_detections(detections_path(out), metrics["detections"])
         write_json_atomic(out, result)
     return result
 
@@ -165,6 +257,7 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
 STABILITY_FILE = "stability.json"
 CURVATURE_FILE = "curvature_check.json"
 CLAIMS_FILE = "claims.json"
+SEED_STABILITY_FILE = "seed_stability.json"
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -174,51 +267,61 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def traces_path(results_dir: str | Path, metric: str) -> Path:
-    """Where ``run_all_traces`` keeps one metric's traces (the CLI's default name too)."""
-    return Path(results_dir) / f"traces_{metric}.json"
+def _replica_suffix(replica: int) -> str:
+    return f"_seed{replica}" if replica else ""
 
 
-def bitmap_path(results_dir: str | Path, metric: str, avg_bits: float) -> Path:
-    """Where ``run_all_allocations`` keeps one metric's bit map for one budget (the CLI's default name too)."""
-    return Path(results_dir) / f"bitmap_{metric}_{avg_bits:g}bit.json"
+def traces_path(results_dir: str | Path, name: str, replica: int = 0) -> Path:
+    """Where ``run_all_traces`` keeps one scheme's traces (the CLI's default name too); replica k > 0 is the
+    same estimate with probe seed ``settings.seed + k``, for the convergence check."""
+    return Path(results_dir) / f"traces_{name}{_replica_suffix(replica)}.json"
+
+
+def bitmap_path(results_dir: str | Path, name: str, avg_bits: float, replica: int = 0) -> Path:
+    """Where ``run_all_allocations`` keeps one scheme's bit map for one budget (the CLI's default name too)."""
+    return Path(results_dir) / f"bitmap_{name}_{avg_bits:g}bit{_replica_suffix(replica)}.json"
 
 
 def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
-                   settings: TraceSettings, *, metrics: tuple[str, ...] = METRICS, device: str = "cpu",
+                   settings: TraceSettings, schemes: Iterable[Scheme], *, replica: int = 0, device: str = "cpu",
                    progress: bool = False) -> dict[str, dict[str, Any]]:
-    """``run_traces`` for each metric on the same Hessian image set; ``{metric: traces result}``."""
-    return {m: run_traces(model, checkpoint_sha, root, split, m, traces_path(results_dir, m), settings,
-                          device=device, progress=progress) for m in metrics}
+    """``run_traces`` for each scheme (its estimator) on the same Hessian image set; ``{scheme name: result}``.
+
+    ``replica`` k > 0 reruns every scheme with probe seed ``settings.seed + k`` into its own files.
+    """
+    return {s.name: run_traces(model, checkpoint_sha, root, split, s.metric, traces_path(results_dir, s.name, replica),
+                               s.settings(settings, replica), device=device, progress=progress)
+            for s in schemes}
 
 
-def run_all_allocations(model: nn.Module, traces: dict[str, dict[str, Any]], results_dir: str | Path,
+def run_all_allocations(model: nn.Module, sources: dict[str, dict[str, Any]], results_dir: str | Path,
                         targets: tuple[float, ...], bits_range_for: Callable[[float], range], *,
-                        time_limit: float = 60.0) -> dict[str, dict[float, dict[str, Any]]]:
-    """``run_allocation`` for every metric and average-bit target; ``{metric: {target: allocation result}}``.
+                        negative_traces: str = "keep", replica: int = 0, time_limit: float = 60.0
+                        ) -> dict[str, dict[float, dict[str, Any]]]:
+    """``run_allocation`` for every cost source and average-bit target; ``{name: {target: allocation result}}``.
 
     ``bits_range_for(target)`` gives the per-layer choices, e.g. ``ilp.paper_bits_range``.
     """
-    return {m: {t: run_allocation(model, tr, t, bits_range_for(t), bitmap_path(results_dir, m, t),
-                                  time_limit=time_limit) for t in targets}
-            for m, tr in traces.items()}
+    return {name: {t: run_allocation(model, src, t, bits_range_for(t), bitmap_path(results_dir, name, t, replica),
+                                     negative_traces=negative_traces, time_limit=time_limit) for t in targets}
+            for name, src in sources.items()}
 
 
 def read_all_traces(results_dir: str | Path, checkpoint_sha: str | None = None,
-                    metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, Any]]:
+                    names: Iterable[str] = METRICS, replica: int = 0) -> dict[str, dict[str, Any]]:
     """The traces files ``run_all_traces`` wrote, checked to belong to ``checkpoint_sha`` when given."""
-    traces = {m: read_json(traces_path(results_dir, m)) for m in metrics}
-    for m, tr in traces.items():
+    traces = {n: read_json(traces_path(results_dir, n, replica)) for n in names}
+    for n, tr in traces.items():
         if checkpoint_sha is not None and tr.get("checkpoint_sha256") != checkpoint_sha:
-            raise DetrqError(f"{traces_path(results_dir, m)} was computed for another checkpoint; recompute the "
-                             "traces (notebook 01) for this one")
+            raise DetrqError(f"{traces_path(results_dir, n, replica).name} was computed for another checkpoint; "
+                             "recompute the traces (notebook 01) for this one")
     return traces
 
 
-def read_allocations(results_dir: str | Path, avg_bits: float, metrics: tuple[str, ...] = METRICS
+def read_allocations(results_dir: str | Path, avg_bits: float, names: Iterable[str] = METRICS, replica: int = 0
                      ) -> dict[str, dict[str, Any]]:
-    """The bit-map files ``run_all_allocations`` wrote for one budget, ``{metric: allocation result}``."""
-    return {m: read_json(bitmap_path(results_dir, m, avg_bits)) for m in metrics}
+    """The bit-map files ``run_all_allocations`` wrote for one budget, ``{name: allocation result}``."""
+    return {n: read_json(bitmap_path(results_dir, n, avg_bits, replica)) for n in names}
 
 
 def run_curvature_check(model: DETR, checkpoint_sha: str, root: str | Path, split: str, out: str | Path, *,

@@ -17,23 +17,15 @@ from matplotlib.figure import Figure
 
 from detrq.errors import DetrqError
 from detrq.hessian import METRICS
+from detrq.quant import OTHER_REGION, REGIONS, layer_region
 from detrq.results import atomic_output
 from detrq.table1 import SCHEME_NAMES
 
-# Where each quantizable layer belongs, by parameter-name prefix (official names); the rest are the box MLP's
-# hidden layers, the object queries and the input projection.
-REGIONS: tuple[tuple[str, str], ...] = (("backbone", "backbone."), ("encoder", "transformer.encoder."),
-                                        ("decoder", "transformer.decoder."))
-OTHER_REGION = "heads/proj"
 REGION_COLORS = {"backbone": "#e8e8e8", "encoder": "#dbe9f6", "decoder": "#fdebd3", OTHER_REGION: "#e5f5e0"}
-METRIC_STYLE = {"loss": ("tab:red", "o"), "out-float": ("tab:blue", "s"), "out-quant": ("tab:green", "^")}
+METRIC_STYLE = {"loss": ("tab:red", "o"), "out-float": ("tab:blue", "s"), "out-quant": ("tab:green", "^"),
+                "out-first-order": ("tab:purple", "D"), "measured": ("tab:gray", "x")}
 # Fixed file metadata: no creation date in the PDF, no software/version line in the PNG.
 SAVE_METADATA = {"pdf": {"CreationDate": None}, "png": {"Software": None}}
-
-
-def layer_region(name: str) -> str:
-    """The model region of a layer name: backbone, encoder, decoder, or heads/proj."""
-    return next((region for region, prefix in REGIONS if name.startswith(prefix)), OTHER_REGION)
 
 
 def region_spans(layers: list[str]) -> list[tuple[str, int, int]]:
@@ -157,11 +149,11 @@ def plot_figure2(data: dict[str, Any], stem: str | Path) -> list[Path]:
     lo, hi = data["bits_range"]
     for k, (ax, m) in enumerate(zip(axes, metrics)):
         _shade_regions(ax, data["spans"], label_y=1.02 if k == 0 else None)
-        ax.bar(range(n), data["bits"][m], color=METRIC_STYLE[m][0], width=0.8, zorder=2)
+        ax.bar(range(n), data["bits"][m], color=METRIC_STYLE.get(m, ("tab:olive", "."))[0], width=0.8, zorder=2)
         ax.set_ylim(lo - 1, hi + 0.5)
         ax.set_yticks(range(lo, hi + 1))
         ax.set_ylabel("bits")
-        ax.set_title(f"{SCHEME_NAMES[m]} (average {data['avg_bits'][m]:.2f} bits, target {data['target']:g})",
+        ax.set_title(f"{SCHEME_NAMES.get(m, m)} (average {data['avg_bits'][m]:.2f} bits, target {data['target']:g})",
                      fontsize=9, loc="left", pad=12 if k == 0 else 4)
     axes[-1].set_xlim(-0.5, n - 0.5)
     axes[-1].set_xlabel("layer (model order)")

@@ -27,6 +27,12 @@ from detrq.results import read_json, write_json_atomic
 # the last layer of the box MLP. The box MLP's hidden layers are ordinary FFN layers and are quantized.
 DEFAULT_EXCLUDE: tuple[str, ...] = ("class_embed.", "bbox_embed.layers.2.")
 
+# Where each quantizable layer belongs, by parameter-name prefix (official names); the rest are the box MLP's
+# hidden layers, the object queries and the input projection.
+REGIONS: tuple[tuple[str, str], ...] = (("backbone", "backbone."), ("encoder", "transformer.encoder."),
+                                        ("decoder", "transformer.decoder."))
+OTHER_REGION = "heads/proj"
+
 # Eq. (6) has 2^(n-1) - 1 positive levels, so n = 1 leaves no level at all (0/0): 2 bits is the minimum.
 MIN_BITS = 2
 MAX_BITS = 16
@@ -37,6 +43,11 @@ def _check_bits(bits: Any, what: str) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise DetrqError(f"{what}: bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
     return bits
+
+
+def layer_region(name: str) -> str:
+    """The model region of a layer name: backbone, encoder, decoder, or heads/proj."""
+    return next((region for region, prefix in REGIONS if name.startswith(prefix)), OTHER_REGION)
 
 
 def quantize_tensor(w: Tensor, bits: int) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from detrq.results import read_json
+from detrq.sensitivity_check import rho_lookup
 from detrq.table1 import claims_markdown, table1_markdown
 
 
@@ -45,6 +46,41 @@ def runtime_markdown(runtime: dict[str, Any]) -> str:
             f"({steps}).\n")
 
 
+def sensitivity_markdown(check: dict[str, Any]) -> str:
+    """Notebook 05's verdicts: each default scheme's rank agreement with the measured costs, the Eq. (5) split,
+    the negative_traces choice and the first-order metric's targets."""
+    policy = check["negative_traces"]
+    lines = ["| scheme | rho vs measured Eq. (5) rise, 4 bits | pooled over 3-7 bits | vs val AP drop, 4 bits |",
+             "|---|---:|---:|---:|"]
+    for r in check["rho_default"]:
+        cells = []
+        for truth, bits in (("rise", 4), ("rise", None), ("ap-drop", 4)):
+            row = rho_lookup(check["rows"], r["scheme"], policy, truth, bits)
+            cells.append("-" if row is None else f"{row['rho']:.2f} [{row['low']:.2f}, {row['high']:.2f}]")
+        lines.append(f"| {r['scheme']} | " + " | ".join(cells) + " |")
+    d = check["decomposition"]
+    choice = check["policy_choice"]
+    lines += ["", f"With one layer at {d['bits']} bits, the L1 box term is a median {d['median_l1_share']:.1%} "
+                  f"(minimum {d['min_l1_share']:.1%}) of the measured Eq. (5) rise. negative_traces: `{policy}` "
+                  f"(best by mean pooled rho: `{choice['best']}`; "
+                  + ", ".join(f"{p} {v:.3f}" for p, v in choice["mean_pooled_rho"].items()) + ").", ""]
+    lines += [f"- **{'met' if t['met'] else 'missed'}**: {t['target']}: {t['value']}" for t in check["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def convergence_markdown(check: dict[str, Any]) -> str:
+    """Notebook 02's convergence check: per scheme and budget, the worst bit-map agreement over probe seeds."""
+    targets = list(next(iter(check["schemes"].values())))
+    lines = [f"| scheme | stable | " + " | ".join(f"{t}-bit agreement / objective spread" for t in targets) + " |",
+             "|---|---|" + "---:|" * len(targets)]
+    for scheme, by_target in check["schemes"].items():
+        lines.append(f"| {scheme} | {'yes' if check['stable'][scheme] else 'no'} | " + " | ".join(
+            f"{by_target[t]['min_agreement']:.1%} / {by_target[t]['objective_spread']:.1%}" for t in targets) + " |")
+    return "\n".join(lines) + f"\n\n{check['seeds']} probe seeds; stable means >= " \
+        f"{check['min_agreement_required']:.0%} of the quantized weights get the same bits under every pair of " \
+        f"seeds and the ILP objectives lie within {check['max_objective_spread']:.0%}.\n"
+
+
 def _section(results: Path, name: str, render: Callable[[Any], str]) -> str:
     path = results / name
     return render(read_json(path)) if path.is_file() else _missing(name)
@@ -57,6 +93,8 @@ def sections(results_dir: str | Path) -> dict[str, str]:
     return {
         "table1": _section(results, "table1.json", table1_markdown),
         "claims": _section(results, "claims.json", lambda d: claims_markdown(d["claims"])),
+        "sensitivity": _section(results, "sensitivity_check.json", sensitivity_markdown),
+        "convergence": _section(results, "seed_stability.json", convergence_markdown),
         "quant-curve": _section(results, "quant_curve.json", quant_curve_markdown),
         "runtime": _section(results, "runtime_default.json", runtime_markdown),
         "int8": int8_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),

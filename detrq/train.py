@@ -260,7 +260,7 @@ def finalize(cfg: TrainConfig, model: DETR, val_set: CocoDetection, history: lis
         "data": info,
         "iterations": cfg.iters,
         "wall_time_s": round(wall, 1),
-        "val_metrics": {k: v for k, v in metrics.items() if k != "per_class"},
+        "val_metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "detections")},
         "val_protocol": metrics.get("protocol"),
         "history": history,
         "environment": environment(),

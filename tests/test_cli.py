@@ -62,6 +62,21 @@ def test_evaluate_traces_allocate_evaluate(world):
     assert ev2.returncode == 0, ev2.stderr
     assert json.loads((world / "res/eval_map.json").read_text())["bit_map"] == bitmap["bit_map"]
 
+    fo = run("traces", *common, "--metric", "out-first-order", "--estimator", "ggn", "--num-images", "4",
+             "--batch-size", "2", "--max-probes", "2", "--min-probes", "2", "--jacobian-probes", "2",
+             "--out", "res/traces_fo.json", cwd=world)
+    assert fo.returncode == 0, fo.stderr
+    first_order = json.loads((world / "res/traces_fo.json").read_text())
+    assert first_order["estimator"] == "ggn" and first_order["l1_scale"] == pytest.approx(1 / (4 * 20))
+    assert all(set(v) == {"kl", "jacobian"} for v in first_order["layers"].values())
+    al_fo = run("allocate", "--traces", "res/traces_fo.json", "--checkpoint", "mini.pth", "--avg-bits", "4",
+                "--negative-traces", "clip", "--out", "res/bitmap_fo.json", cwd=world)
+    assert al_fo.returncode == 0, al_fo.stderr
+    assert json.loads((world / "res/bitmap_fo.json").read_text())["negative_traces"] == "clip"
+    bad = run("traces", *common, "--metric", "loss", "--estimator", "ggn", "--num-images", "2", "--batch-size", "2",
+              "--max-probes", "2", "--min-probes", "2", "--out", "res/traces_bad.json", cwd=world)
+    assert_one_line_error(bad, "no generalized Gauss-Newton form")
+
     infeasible = run("allocate", "--traces", "res/traces.json", "--checkpoint", "mini.pth", "--avg-bits", "2.5",
                      "--out", "res/bitmap.json", cwd=world)
     assert_one_line_error(infeasible, "smallest feasible average is 3.0000")

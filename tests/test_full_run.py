@@ -1,10 +1,10 @@
 """The full run's path end to end, small: params/full.yaml with an R50 checkpoint in the official format and a
-COCO 2017-layout directory, through papermill on the four notebooks, into a temporary directory.
+COCO 2017-layout directory, through papermill on the five notebooks, into a temporary directory.
 
 The checkpoint has random values shaped from the official state-dict manifest (small std, unit frozen-BN
-statistics, so the outputs are finite); the images are small and few, so that the whole path (traces of all
-three metrics, the stability and curvature checks, nine ILPs, fourteen evaluations, both figures) runs on a
-CPU in a few minutes. What the committed notebooks compare under nbval is checked here too: the table's
+statistics, so the outputs are finite); the images are small and few, so that the whole path (every scheme's
+estimates with two probe seeds, the stability and curvature checks, the measured per-layer costs, the ILPs,
+Table 1 with its bootstrap, the sensitivity check, all figures) runs on a CPU in a few minutes. What the committed notebooks compare under nbval is checked here too: the table's
 structure and the data behind the figures.
 """
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from detrq.hessian import METRICS
+from detrq.hessian import FIRST_ORDER, METRICS
 from detrq.notebooks import NOTEBOOKS, load_parameters, run_notebooks
-from detrq.table1 import MIXED_TARGETS, ROWS
+from detrq.table1 import MIXED_TARGETS, VERDICTS, table_rows
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "detr_r50_state_dict_manifest.json"
 COCO_CATEGORIES = [1, 3, 18, 44, 62, 90]  # COCO ids, up to the largest (90); DETR-R50 has 91 + 1 classes
@@ -26,7 +26,9 @@ COCO_CATEGORIES = [1, 3, 18, 44, 62, 90]  # COCO ids, up to the largest (90); DE
 OVERRIDES = {
     "device": "cpu", "threads": 1, "min_size": 64, "max_size": 96, "num_hessian_images": 2, "hessian_batch_size": 2,
     "min_probes": 2, "max_probes": 2, "stability_sets": 2, "stability_set_size": 2, "curvature_images": 2,
-    "curvature_probes": 2, "max_eval_images": 2, "eval_batch_size": 2,
+    "curvature_probes": 2, "max_eval_images": 2, "eval_batch_size": 2, "stability_seeds": 2, "jacobian_probes": 2,
+    "measure_ap_bits": [3], "measure_batch_size": 2, "n_boot": 20, "rho_boot": 20,
+    "probes": {"loss": [1, 1], "out-quant": [1, 1]},
 }
 
 
@@ -84,23 +86,32 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     assert list(seconds) == list(NOTEBOOKS)
     assert sorted(p.name for p in executed.iterdir()) == [f"{n}.ipynb" for n in NOTEBOOKS]
 
-    expected = {"table1.json", "table1.csv", "table1.md", "claims.json", "stability.json", "curvature_check.json"}
-    expected |= {f"traces_{m}.json" for m in METRICS}
-    expected |= {f"bitmap_{m}_{t}bit.json" for m in METRICS for t in MIXED_TARGETS}
-    expected |= {f"eval_{p}_{s}.json" for p, s in ROWS}
+    schemes = [*METRICS, FIRST_ORDER, "out-quant-ggn"]
+    expected = {"table1.json", "table1.csv", "table1.md", "claims.json", "stability.json", "curvature_check.json",
+                "table1_bootstrap.json", "measured_costs.json", "measured_costs_8bit.json", "seed_stability.json",
+                "sensitivity_check.json", "traces_out-first-order-cauchy-schwarz.json"}
+    expected |= {f"traces_{m}{r}.json" for m in schemes for r in ("", "_seed1")}
+    expected |= {f"bitmap_{m}_{t}bit{r}.json" for m in schemes for t in MIXED_TARGETS for r in ("", "_seed1")}
+    expected |= {f"bitmap_measured_{t}bit.json" for t in MIXED_TARGETS}
+    rows = table_rows([FIRST_ORDER, "out-quant-ggn", "measured"])
+    expected |= {f"eval_{p}_{s}{ext}" for p, s in rows for ext in (".json", ".detections.npz")}
+    expected |= {f"eval_{t}_{m}_seed1.json" for m in schemes for t in MIXED_TARGETS}
     assert {p.name for p in results.iterdir()} == expected
-    assert {p.name for p in figures.iterdir()} == {f"{stem}.{ext}" for stem in ("fig1_hessian_traces",
-                                                                                 "fig2_bit_allocation")
-                                                    for ext in ("png", "pdf")}
+    assert {p.name for p in figures.iterdir()} == {f"{stem}.{ext}" for stem in (
+        "fig1_hessian_traces", "fig2_bit_allocation", "sensitivity_check", "eq5_decomposition")
+        for ext in ("png", "pdf")}
 
     table = json.loads((results / "table1.json").read_text())
-    assert [(r["precision"], r["scheme"]) for r in table["rows"]] == list(ROWS)
-    assert all(set(r) == {"precision", "scheme", "AP", "paper_AP", "avg_bits", "delta_vs_uniform", "paper_delta"}
-               for r in table["rows"])
+    assert [(r["precision"], r["scheme"]) for r in table["rows"]] == rows
+    assert all(r["delta_ci"] is not None and r["delta_seed_range"] is not None for r in table["rows"]
+               if r["scheme"] in schemes and r["precision"] != "8")
     assert table["protocol"]["transform"]["min_size"] == 64 and table["protocol"]["num_images"] == 2
     assert table["protocol"]["hessian"]["num_images"] == 2 and table["protocol"]["hessian"]["split"] == "train2017"
     traces = json.loads((results / "traces_out-quant.json").read_text())
     assert len(traces["layers"]) > 100 and traces["layers"]["backbone.0.body.layer4.2.conv3.weight"]["n_probes"] == 2
     assert "backbone.0.body.layer1.0.conv1.weight" not in traces["layers"]  # frozen in DETR-R50: stays float
     claims = json.loads((results / "claims.json").read_text())["claims"]
-    assert len(claims) == 18 and all(isinstance(c["holds"], bool) for c in claims)
+    assert len(claims) == 21 and all(c["verdict"] in VERDICTS for c in claims)
+    assert sum(c["beyond_paper"] for c in claims) == 3
+    check = json.loads((results / "sensitivity_check.json").read_text())
+    assert {r["scheme"] for r in check["rows"]} == {*schemes, "out-first-order-cauchy-schwarz"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from detrq.errors import DetrqError
-from detrq.ilp import allocate_bits, paper_bits_range, parse_bits_range, sensitivity_costs
+from detrq.costs import apply_negative_policy, cost_table, first_order_terms, paper_costs
+from detrq.ilp import allocate_bits, paper_bits_range, parse_bits_range
 from detrq.quant import quantize_tensor
 
 torch.set_num_threads(1)
@@ -82,18 +83,45 @@ def test_bad_inputs():
         allocate_bits({"a": {4: float("nan")}}, {"a": 1}, 4)
 
 
-def test_sensitivity_costs_eq2_and_eq4():
+def test_paper_costs_eq2_and_eq4():
     w = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
-    omega = sensitivity_costs({"w": 2.5}, {"w": w}, range(3, 9))
+    omega = paper_costs({"w": 2.5}, {"w": w}, range(3, 9))
     for b in range(3, 9):
         err = (quantize_tensor(w, b).double() - w.double()).pow(2).sum().item()
         assert omega["w"][b] == pytest.approx(2.5 * err, rel=1e-12)
     w8 = quantize_tensor(w, 8)
-    omega_q = sensitivity_costs({"w": 2.5}, {"w": w}, range(3, 9), reference={"w": w8})
+    omega_q = paper_costs({"w": 2.5}, {"w": w}, range(3, 9), reference={"w": w8})
     assert omega_q["w"][8] == 0.0
     assert omega_q["w"][4] == pytest.approx(2.5 * (quantize_tensor(w, 4) - w8).double().pow(2).sum().item())
     with pytest.raises(DetrqError, match="'v'"):
-        sensitivity_costs({"v": 1.0}, {"w": w}, range(3, 5))
+        paper_costs({"v": 1.0}, {"w": w}, range(3, 5))
+
+
+def test_negative_trace_policies():
+    w = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    err = (quantize_tensor(w, 4) - w).double().pow(2).sum().item()
+    for policy, expected in (("keep", -3.0), ("clip", 0.0), ("abs", 3.0)):
+        assert apply_negative_policy(-3.0, policy) == expected and apply_negative_policy(2.0, policy) == 2.0
+        assert paper_costs({"w": -3.0}, {"w": w}, [4], negative_traces=policy)["w"][4] == pytest.approx(expected * err)
+    with pytest.raises(DetrqError, match="negative_traces"):
+        apply_negative_policy(-1.0, "square")
+
+
+def test_first_order_cost_is_eq5_second_plus_first_order_term():
+    """omega = 1/2 Tr/|W| ||dW||^2 + c sqrt(2/pi) sigma S, with sigma = ||dW|| / sqrt(|W|): computed by hand."""
+    w = torch.randn(30, 5, generator=torch.Generator().manual_seed(2))
+    terms = first_order_terms({"w": 0.4}, {"w": 120.0}, 0.01, {"w": w}, [3, 5])
+    for b in (3, 5):
+        sq = (quantize_tensor(w, b) - w).double().pow(2).sum().item()
+        assert terms["w"][b]["kl"] == pytest.approx(0.5 * 0.4 * sq)
+        assert terms["w"][b]["l1"] == pytest.approx(0.01 * math.sqrt(2 / math.pi) * math.sqrt(sq / 150) * 120.0)
+    traces = {"metric": "out-first-order", "l1_scale": 0.01,
+              "layers": {"w": {"kl": {"avg_trace": 0.4}, "jacobian": {"sum": 120.0}}}}
+    table = cost_table(traces, {"w": w}, [3, 5])
+    assert table["w"][3] == pytest.approx(terms["w"][3]["kl"] + terms["w"][3]["l1"])
+    assert table["w"][3] > table["w"][5] > 0
+    with pytest.raises(DetrqError, match="not a traces result"):
+        cost_table({"metric": "nope", "layers": {}}, {"w": w}, [3])
 
 
 def test_bits_ranges():

@@ -18,8 +18,9 @@ from detrq.notebooks import (allocation_summary, clean_notebook, load_parameters
 from detrq.pipeline import PROJECT_ROOT
 from detrq.plots import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
 from detrq.stability import set_statistics
-from detrq.table1 import (PAPER_TABLE1, ROWS, build_table1, check_claims, claims_markdown, paper_delta,
-                          table1_csv, write_claims, write_table1)
+from detrq.table1 import (PAPER_TABLE1, ROWS, bootstrap_pairs, build_table1, check_claims, claims_markdown,
+                          interval_verdict, paper_delta, row_key, table1_csv, table1_markdown, table_rows, write_claims,
+                          write_table1)
 
 torch.set_num_threads(1)
 
@@ -54,7 +55,8 @@ def test_paper_table_has_the_14_rows_and_its_printed_deltas():
 def test_build_table1_rows_keys_and_deltas(tmp_path):
     table = build_table1(fake_evaluations(PAPER_TABLE1))
     assert len(table["rows"]) == 14 and table["checkpoint_sha256"] == "abc"
-    assert all(set(r) == {"precision", "scheme", "AP", "paper_AP", "avg_bits", "delta_vs_uniform", "paper_delta"}
+    assert all(set(r) == {"precision", "scheme", "label", "paper", "AP", "paper_AP", "avg_bits", "delta_vs_uniform",
+                          "delta_ci", "delta_seed_range", "delta_vs_measured", "delta_vs_measured_ci", "paper_delta"}
                for r in table["rows"])
     rows = {(r["precision"], r["scheme"]): r for r in table["rows"]}
     assert rows["5", "out-quant"]["delta_vs_uniform"] == pytest.approx(1.3)
@@ -62,10 +64,38 @@ def test_build_table1_rows_keys_and_deltas(tmp_path):
     write_table1(table, tmp_path)
     assert json.loads((tmp_path / "table1.json").read_text()) == table
     csv_lines = (tmp_path / "table1.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("precision,scheme,AP") and len(csv_lines) == 15
+    assert csv_lines[0].startswith("precision,scheme,label,AP") and len(csv_lines) == 15
     md = (tmp_path / "table1.md").read_text().splitlines()
-    assert len(md) == 16 and "| 5-bit | Out Sen Quant | 36.4 | +1.3 |" in md[11]
+    assert len(md) == 16 and "| 5-bit | Out Sen Quant | 36.4 | +1.3 | - | - | - |" in md[11]
     assert table1_csv(table) == (tmp_path / "table1.csv").read_text()
+
+
+def test_table_with_extra_rows_intervals_and_seed_ranges():
+    ap = {**PAPER_TABLE1, **{(p, s): v for p in ("6", "5", "4") for s, v in (("out-first-order", 40.0),
+                                                                             ("measured", 41.0))}}
+    rows = table_rows(["out-first-order", "measured"])
+    assert rows[6:8] == [("6", "out-first-order"), ("6", "measured")] and len(rows) == 20
+    pairs = {f"{row_key(*a)}|{row_key(*b)}": {"low": -0.01, "high": 0.02} for a, b in
+             [(("5", "out-first-order"), ("5", "uniform")), (("5", "out-first-order"), ("5", "measured"))]}
+    table = build_table1(fake_evaluations(ap), rows=rows, pairs=pairs,
+                         replica_aps={("5", "out-first-order"): [39.0, 40.5]})
+    r = {(x["precision"], x["scheme"]): x for x in table["rows"]}["5", "out-first-order"]
+    assert r["paper_AP"] is None and not r["paper"] and r["label"] == "Out Sen First-Order (beyond the paper)"
+    assert r["delta_ci"] == pytest.approx([-1.0, 2.0]) and r["delta_vs_measured"] == pytest.approx(-1.0)
+    assert r["delta_seed_range"] == pytest.approx([39.0 - 35.1, 40.5 - 35.1])
+    assert ("5/out-first-order", "5/measured") in bootstrap_pairs(rows)
+    assert "| 5-bit | Out Sen First-Order (beyond the paper) | 40.0 | +4.9 | [-1.0, +2.0] | +3.9 to +5.4 | " \
+           "-1.0 [-1.0, +2.0] |" in table1_markdown(table)
+
+
+def test_interval_verdicts():
+    assert interval_verdict(1.0, [0.2, 1.8]) == "holds"
+    assert interval_verdict(1.0, [-0.2, 1.8]) == "inconclusive"
+    assert interval_verdict(-1.0, [-1.8, -0.2]) == "does not hold"
+    assert interval_verdict(0.0, [0.0, 0.0]) == "does not hold"
+    assert interval_verdict(-1.0, [-1.8, -0.2], above=False) == "holds"
+    assert interval_verdict(-0.3, [-0.45, -0.1], -0.5) == "holds"
+    assert interval_verdict(0.5, None) == "holds" and interval_verdict(-0.5, None) == "does not hold"
 
 
 def test_build_table1_refuses_missing_rows_and_mixed_checkpoints():
@@ -93,9 +123,10 @@ def test_claims_hold_on_the_papers_own_numbers_and_fail_when_reversed(tmp_path):
     assert loss5.evidence.endswith("note: Loss Sen uses 3.26 average bits, under the 5-bit budget")
     write_claims(list(by_text.values()), tmp_path / "claims.json")
     stored = json.loads((tmp_path / "claims.json").read_text())["claims"]
-    assert {"claim", "holds", "evidence"} == set(stored[0])
+    assert {"claim", "verdict", "holds", "evidence", "beyond_paper"} == set(stored[0])
     text = claims_markdown(stored)
-    assert text.startswith("On this run 12 of 13") and "**does not hold**: Out Sen Quant beats uniform at 5" in text
+    assert text.startswith("On this run, of 13 claims: 12 hold, 1 do not hold, 0 are inconclusive")
+    assert "**does not hold**: Out Sen Quant beats uniform at 5" in text
 
 
 def test_claims_from_traces_stability_and_curvature():
@@ -112,7 +143,7 @@ def test_claims_from_traces_stability_and_curvature():
     assert len(extra) == 5 and all(c.holds for c in extra.values()), extra
     assert "L1 box term 0" in claims[-1].evidence and claims[-1].evidence.endswith("zero Eq.(5) curvature: 1")
     only = claims_markdown(claims, only="Figure")
-    assert only.startswith("On this run 3 of 3")
+    assert only.startswith("On this run, of 3 claims: 3 hold")
 
 
 def test_set_statistics_reports_both_readings():
@@ -173,10 +204,11 @@ def test_region_mean_bits_and_summaries():
     assert region_mean_bits(bit_map) == {"backbone": 5.0, "encoder": 4.0, "decoder": 6.0, "heads/proj": 3.0}
     assert region_mean_bits(bit_map, dict(zip(LAYERS, [1, 1, 1, 1])))["decoder"] == 6.0
     text = allocation_summary({"loss": {5: allocation([3, 6, 6, 5])}})
-    assert text.startswith("loss      target 5 (3-6): avg 5.00 bits, layers at 3..6: 1/0/1/2")
+    assert text.startswith("loss             target 5 (3-6): avg 5.00 bits, layers at 3..6: 1/0/1/2")
     table = build_table1(fake_evaluations(PAPER_TABLE1))
-    summary = table1_summary(table, [{"holds": True}, {"holds": False}])
-    assert "    5 out-quant AP  36.4 (paper 36.4) bits 5.00" in summary and summary.endswith("1 of 2")
+    summary = table1_summary(table, [{"verdict": "holds"}, {"verdict": "inconclusive"}])
+    assert "    5 out-quant        AP  36.4 (paper 36.4) bits 5.00 delta +1.3" in summary
+    assert summary.endswith("claims: holds 1, does not hold 0, inconclusive 1 (of 2)")
 
 
 def test_l1_term_has_no_curvature_at_float_weights_but_kl_does():

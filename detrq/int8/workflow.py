@@ -1,4 +1,4 @@
-"""The end-to-end INT8 run behind ``python -m detrq int8`` and ``notebooks/05_int8_faster_rcnn.ipynb``.
+"""The end-to-end INT8 run behind ``python -m detrq int8`` and ``notebooks/06_int8_faster_rcnn.ipynb``.
 
 ``run_int8`` loads the trained Faster R-CNN, quantizes it with one backend on a class-balanced calibration set
 from the train split, and measures on the val split: serialized size, paired CPU latency per image, peak memory

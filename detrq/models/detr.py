@@ -265,16 +265,22 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor) -> Tensor:
-        """Returns decoder states [L, B, Q, d]."""
-        bs = src.shape[0]
+    def encode(self, src: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The encoder memory [HW, B, d] with the flattened mask [B, HW] and positions [HW, B, d]."""
         src = src.flatten(2).permute(2, 0, 1)
         pos = pos.flatten(2).permute(2, 0, 1)
-        query_pos = query_embed.unsqueeze(1).repeat(1, bs, 1)
         mask = mask.flatten(1)
-        memory = self.encoder(src, mask, pos)
+        return self.encoder(src, mask, pos), mask, pos
+
+    def decode(self, memory: Tensor, mask: Tensor, pos: Tensor, query_embed: Tensor) -> Tensor:
+        """Decoder states [L, B, Q, d] from ``encode``'s outputs."""
+        query_pos = query_embed.unsqueeze(1).repeat(1, memory.shape[1], 1)
         hs = self.decoder(torch.zeros_like(query_pos), memory, mask, pos, query_pos)
         return hs.transpose(1, 2)
+
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor) -> Tensor:
+        """Returns decoder states [L, B, Q, d]."""
+        return self.decode(*self.encode(src, mask, pos), query_embed)
 
 
 class MLP(nn.Module):
@@ -319,19 +325,39 @@ class DETR(nn.Module):
         self.backbone = Joiner(backbone, PositionEmbeddingSine(cfg.hidden_dim // 2))
         self.aux_loss = cfg.aux_loss
 
-    def forward(self, images: list[Tensor] | Tensor) -> dict:
-        """``images``: a list of normalised [3,H,W] tensors of any sizes (or a [B,3,H,W] batch of one size)."""
+    def features(self, images: list[Tensor] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Padding and backbone: ``(feat, mask, pos)``, which depend on the ``backbone.*`` weights only.
+
+        ``images``: a list of normalised [3,H,W] tensors of any sizes (or a [B,3,H,W] batch of one size).
+        """
         if isinstance(images, Tensor) and images.dim() == 4:
             images = list(images)
         x, mask = pad_images(images)
-        feat, m, pos = self.backbone(x, mask)
-        hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)
+        return self.backbone(x, mask)
+
+    def head(self, feat: Tensor, mask: Tensor, pos: Tensor) -> dict:
+        """Everything after the backbone (input projection, transformer, class and box heads) on its features:
+        ``decode(*encode(feat, mask, pos))``."""
+        return self.decode(*self.encode(feat, mask, pos))
+
+    def encode(self, feat: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projection and encoder: ``(memory, mask, pos)``, which depend on no decoder or head weight."""
+        return self.transformer.encode(self.input_proj(feat), mask, pos)
+
+    def decode(self, memory: Tensor, mask: Tensor, pos: Tensor) -> dict:
+        """Decoder, class and box heads on ``encode``'s outputs: the outputs dict."""
+        hs = self.transformer.decode(memory, mask, pos, self.query_embed.weight)
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
+
+    def forward(self, images: list[Tensor] | Tensor) -> dict:
+        """``head(*features(images))``: a per-layer scan can reuse the backbone features for a layer outside
+        ``backbone.``, and the encoder memory for a decoder or head layer."""
+        return self.head(*self.features(images))
 
 
 def build_detr(preset: str = "r50", **overrides) -> DETR:
