@@ -89,7 +89,7 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     schemes = [*METRICS, FIRST_ORDER, "out-quant-ggn"]
     expected = {"table1.json", "table1.csv", "table1.md", "claims.json", "stability.json", "curvature_check.json",
                 "table1_bootstrap.json", "measured_costs.json", "measured_costs_8bit.json", "seed_stability.json",
-                "sensitivity_check.json", "traces_out-first-order-cauchy-schwarz.json", "measured_ap_drops.json"}
+                "sensitivity_check.json", "traces_out-first-order-rows.json", "measured_ap_drops.json"}
     expected |= {f"traces_{m}{r}.json" for m in schemes for r in ("", "_seed1")}
     expected |= {f"bitmap_{m}_{t}bit{r}.json" for m in schemes for t in MIXED_TARGETS for r in ("", "_seed1")}
     expected |= {f"bitmap_measured_{t}bit.json" for t in MIXED_TARGETS}
@@ -114,4 +114,4 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     assert len(claims) == 21 and all(c["verdict"] in VERDICTS for c in claims)
     assert sum(c["beyond_paper"] for c in claims) == 3
     check = json.loads((results / "sensitivity_check.json").read_text())
-    assert {r["scheme"] for r in check["rows"]} == {*schemes, "out-first-order-cauchy-schwarz"}
+    assert {r["scheme"] for r in check["rows"]} == {*schemes, "out-first-order-rows"}
