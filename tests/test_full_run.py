@@ -108,7 +108,8 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     assert table["protocol"]["transform"]["min_size"] == 64 and table["protocol"]["num_images"] == 2
     assert table["protocol"]["hessian"]["num_images"] == 2 and table["protocol"]["hessian"]["split"] == "train2017"
     traces = json.loads((results / "traces_out-quant.json").read_text())
-    assert len(traces["layers"]) > 100 and traces["layers"]["backbone.0.body.layer4.2.conv3.weight"]["n_probes"] == 2
+    assert traces["estimator"] == "blockwise" and traces["settings"]["max_probes"] == 1  # OVERRIDES' probes
+    assert len(traces["layers"]) > 100 and traces["layers"]["backbone.0.body.layer4.2.conv3.weight"]["n_probes"] == 1
     assert "backbone.0.body.layer1.0.conv1.weight" not in traces["layers"]  # frozen in DETR-R50: stays float
     claims = json.loads((results / "claims.json").read_text())["claims"]
     assert len(claims) == 21 and all(c["verdict"] in VERDICTS for c in claims)
