@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 usage() {
   cat <<'TXT'
-usage: ./reproduce.sh                                        run the embedded default (CPU, about 25 minutes)
+usage: ./reproduce.sh                                        run the embedded default (CPU, about 30 minutes)
        ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu]
                                                              run the paper's setting on COCO 2017 (GPU)
        ./reproduce.sh test                                   run the tests, then nbval on the notebooks
