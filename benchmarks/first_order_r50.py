@@ -28,7 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kl-probes", type=int, default=20, help="ggn probes of the full run (default 20)")
-    parser.add_argument("--jacobian-probes", type=int, default=64, help="rows probes of the full run (default 64)")
+    parser.add_argument("--jacobian-probes", type=int, default=48,
+                        help="Jacobian probes of the full run (default 48, as params/)")
     parser.add_argument("--images", type=int, default=100, help="Hessian images of the full run (default 100)")
     parser.add_argument("--gpu-speedup", type=float, default=50.0,
                         help="assumed GPU / this-CPU speed ratio for the estimate (default 50; an assumption)")
@@ -62,7 +63,7 @@ def main() -> None:
     print(f"DETR-R50 (random weights, official layout), one 800x1066 image, {args.threads} CPU threads:")
     print(f"  forward {forward:.1f} s; ggn KL pass with one probe {one_kl:.1f} s; each further ggn probe "
           f"{kl_probe:.1f} s; two rows probes {two_rows:.1f} s (about {rows_probe:.1f} s per probe)")
-    print(f"  full run on this CPU ({args.images} images, {args.kl_probes} ggn + {args.jacobian_probes} rows "
+    print(f"  full run on this CPU ({args.images} images, {args.kl_probes} ggn + {args.jacobian_probes} Jacobian "
           f"probes, one image per graph): about {cpu_total / 3600:.1f} h")
     print(f"  ESTIMATE, not measured: on a GPU {args.gpu_speedup:g}x faster than this CPU, about "
           f"{cpu_total / args.gpu_speedup / 60:.0f} min")
