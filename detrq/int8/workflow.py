@@ -34,6 +34,8 @@ from detrq.results import environment, sha256_file, write_json_atomic
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
 DEFAULT_DATA = PROJECT_ROOT / "data" / "synthetic"
+# The config fields that are paths: resolved for the run, stored relative to the repository root.
+_PATH_FIELDS = ("checkpoint", "data", "figures", "out")
 TARGETS = {"size_reduction_min": 0.74, "latency_ratio_max": 0.5, "AP_loss_points_max": 1.0}
 
 
@@ -107,7 +109,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     if cfg.backend not in BACKENDS:
         raise DetrqError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
     torch.set_num_threads(cfg.threads)
-    cfg = dataclasses.replace(cfg, **{k: str(resolve(getattr(cfg, k))) for k in ("checkpoint", "data", "figures", "out")
+    cfg = dataclasses.replace(cfg, **{k: str(resolve(getattr(cfg, k))) for k in _PATH_FIELDS
                                       if getattr(cfg, k) is not None})
     model, mcfg, sha = load_frcnn(cfg.checkpoint)
     out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_frcnn_{mcfg.name}_{cfg.backend}.json")
@@ -164,7 +166,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
                         "image_ids": calib_ids, "policy": "class_balanced_subset"},
         "checkpoint": Path(cfg.checkpoint).name,
         "checkpoint_sha256": sha,
-        "config": dataclasses.asdict(cfg),
+        "config": {k: _repo_relative(v) if k in _PATH_FIELDS else v for k, v in dataclasses.asdict(cfg).items()},
         "environment": environment(),
         "cache_key": key,
     }
@@ -177,6 +179,14 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
         record["onnx"] = onnx_report(model, qmodel, lat_images, cfg.latency_repeats)
     write_json_atomic(out, record)
     return record
+
+
+def _repo_relative(path: str | None) -> str | None:
+    """A results file names paths relative to the repository root when they lie inside it (portable results)."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.relative_to(PROJECT_ROOT)) if p.is_absolute() and p.is_relative_to(PROJECT_ROOT) else path
 
 
 def activation_figures(model: nn.Module, qmodel: nn.Module, image: Tensor, float_dets: Detections,
