@@ -24,7 +24,8 @@ from detrq.errors import DetrqError
 from detrq.evaluate import evaluate
 from detrq.costs import cost_table
 from detrq.hessian import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, TraceSettings, check_metric,
-                           distillation_term_traces, first_order_sensitivity, sensitivity, total_trace)
+                           distillation_term_traces, first_order_sensitivity, ggn_approximates, sensitivity,
+                           total_trace)
 from detrq.ilp import allocate_bits
 from detrq.models.detr import DETR, build_detr, load_checkpoint
 from detrq.paths import PROJECT_ROOT
@@ -49,7 +50,7 @@ class Scheme:
     def __post_init__(self) -> None:
         check_metric(self.metric)
         TraceSettings(estimator=self.estimator, **self._probe_fields())  # validates the name and probe counts
-        if not self.variant and self.estimator == "ggn" and self.metric in ("loss", "out-quant"):
+        if not self.variant and self.approximate:
             raise DetrqError(f"the {METRIC_NAMES[self.metric]} row uses the Hessian: ggn only approximates it "
                              f"there; list '{self.metric}:ggn' under extra_variants instead")
 
@@ -67,7 +68,7 @@ class Scheme:
     @property
     def approximate(self) -> bool:
         """True when the estimate is of an approximation of the metric's Hessian (GGN away from float weights)."""
-        return self.estimator == "ggn" and self.metric in ("loss", "out-quant")
+        return ggn_approximates(self.metric, self.estimator)
 
     @property
     def label(self) -> str:
@@ -168,7 +169,7 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
                                                               progress=progress).items()}
     result = {
         "cache_key": key, "metric": metric, "estimator": settings.estimator,
-        "approximation": settings.estimator == "ggn" and metric in ("loss", "out-quant"),
+        "approximation": ggn_approximates(metric, settings.estimator),
         "checkpoint_sha256": checkpoint_sha, "split": split, "image_ids": image_ids,
         "settings": settings.to_dict(), "transform": full.transform.describe(), "layers": layers, **extra,
         "seconds": time.perf_counter() - start, "environment": environment(),
