@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # One-shot driver for detrq. See README.md.
-#   ./reproduce.sh                                              the embedded default (mini DETR, synthetic data, CPU)
-#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda]   the paper's setting (DETR-R50, COCO 2017)
-#   ./reproduce.sh test                                         pytest, then nbval on the committed notebooks
-# Each sets up .venv with the pinned dependencies first when it is missing or out of date. The runs execute
-# notebooks/01..05 with papermill (parameters from params/*.yaml); the executed copies replace the committed
-# ones, and the results and figures go to results/ and figures/.
+#   ./reproduce.sh [--reuse]          the embedded default (mini DETR, synthetic data, CPU), computed into runs/default/
+#   ./reproduce.sh int8 [--reuse]     the INT8 Faster R-CNN workflow (notebook 06), computed into runs/int8/
+#   ./reproduce.sh accept             make the compared runs/ the committed results/, figures/ and notebooks/
+#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda]   the paper's setting, into runs/full/
+#   ./reproduce.sh test               pytest, then nbval on the committed notebooks
+# Each sets up .venv with the pinned dependencies first when it is missing or out of date. A run never writes the
+# committed results: it computes everything into its run directory and ends with the reproduction report
+# (results/reproduction.json), which compares every number with the committed one.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
   cat <<'TXT'
-usage: ./reproduce.sh                                        run the embedded default (CPU, about 30 minutes)
+usage: ./reproduce.sh [--reuse]        run the embedded default from scratch into runs/default/ (CPU, 20-30
+                                       minutes), then compare it with the committed results
+       ./reproduce.sh int8 [--reuse]   run the INT8 Faster R-CNN workflow into runs/int8/ (CPU, 10-25 minutes), 
+                                       then compare it with the committed results
+       ./reproduce.sh accept           replace the committed results/, figures/, notebooks/ and README numbers
+                                       with the runs in runs/ (after reading their report)
        ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu]
-                                                             run the paper's setting on COCO 2017 (GPU)
-       ./reproduce.sh test                                   run the tests, then nbval on the notebooks
+                                       run the paper's setting on COCO 2017 (GPU) into runs/full/
+       ./reproduce.sh test             run the tests, then nbval on the committed notebooks
+--reuse keeps the run directory's cached results (a copy of the committed ones when it has none) and
+re-renders from them; the report then says the results were reused, not reproduced.
 TXT
 }
 
@@ -35,7 +44,21 @@ setup_venv() {
   fi
 }
 
-TIMES=()  # NAME=SECONDS of each step, recorded in results/runtime_default.json by the default run
+acquire_run_lock() {  # one ./reproduce.sh at a time per checkout: a second one names the first and stops
+  mkdir -p runs
+  local lock=runs/.reproduce.pid
+  if ! ( set -C; echo $$ > "$lock" ) 2>/dev/null; then
+    local holder; holder="$(cat "$lock" 2>/dev/null || true)"
+    if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
+      echo "error: another ./reproduce.sh (pid $holder) is running in this checkout; wait for it or stop it" >&2
+      exit 2
+    fi
+    echo $$ > "$lock"  # the holder is gone: its lock is stale
+  fi
+  trap 'rm -f runs/.reproduce.pid' EXIT
+}
+
+TIMES=()  # NAME=SECONDS of each step, recorded in runs/<run>/runtime.json
 step() {  # step NAME CMD...: run and time one step
   local name="$1"; shift
   local t0=$SECONDS
@@ -45,12 +68,14 @@ step() {  # step NAME CMD...: run and time one step
   TIMES+=("$name=$((SECONDS - t0))")
 }
 
-PAPER_NOTEBOOKS="01_hessian_traces 02_bit_allocation 03_table1 04_figures"
-run_notebooks() {  # run_notebooks PARAMS_FILE [--set KEY=VALUE ...]
-  # shellcheck disable=SC2086
-  step "notebooks 01-04 with $1" .venv/bin/python -m detrq notebooks --params "$@" --only $PAPER_NOTEBOOKS
-  step "notebook 05 (sensitivity check) with $1" .venv/bin/python -m detrq notebooks --params "$@" \
-    --only 05_sensitivity_check
+parse_reuse() {  # parse_reuse ARGS...: sets REUSE to --reuse or empty
+  REUSE=""
+  for arg in "$@"; do
+    case "$arg" in
+      --reuse) REUSE="--reuse" ;;
+      *) die_usage "unknown argument '$arg'" ;;
+    esac
+  done
 }
 
 ensure_data() {
@@ -58,13 +83,54 @@ ensure_data() {
     "from detrq.cli import EMBEDDED, ensure_embedded_data; ensure_embedded_data(EMBEDDED['data'])"
 }
 
+in_run() {  # in_run RUN: the parameter overrides that send a notebook's results, figures and copy to runs/RUN/
+  echo "--set results_dir=runs/$1/results --set figures_dir=runs/$1/figures --out-dir runs/$1/notebooks"
+}
+
+PAPER_NOTEBOOKS="01_hessian_traces 02_bit_allocation 03_table1 04_figures"
 run_default() {
+  parse_reuse "$@"
+  acquire_run_lock
   setup_venv
   ensure_data
-  run_notebooks params/default.yaml
-  step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet
-  .venv/bin/python -m detrq readme --runtime "${TIMES[@]}"
-  echo "== results in results/ (table1.md, claims.json, ...), figures in figures/, executed notebooks in notebooks/"
+  .venv/bin/python -m detrq run-start --run default $REUSE
+  # shellcheck disable=SC2046
+  step "notebooks 01-04" .venv/bin/python -m detrq notebooks --params params/default.yaml $(in_run default) \
+    --only $PAPER_NOTEBOOKS
+  # shellcheck disable=SC2046
+  step "notebook 05 (sensitivity check)" .venv/bin/python -m detrq notebooks --params params/default.yaml \
+    $(in_run default) --only 05_sensitivity_check
+  step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet \
+    --results-dir runs/default/results
+  .venv/bin/python -m detrq report --run default --runtime "${TIMES[@]}"
+}
+
+run_int8() {
+  parse_reuse "$@"
+  acquire_run_lock
+  setup_venv
+  ensure_data
+  .venv/bin/python -m detrq run-start --run int8 $REUSE
+  # shellcheck disable=SC2046
+  step "notebook 06 (INT8 Faster R-CNN)" .venv/bin/python -m detrq notebooks --params params/int8.yaml \
+    $(in_run int8) --only 06_int8_faster_rcnn
+  .venv/bin/python -m detrq report --run int8 --runtime "${TIMES[@]}"
+}
+
+run_accept() {
+  [ $# -eq 0 ] || die_usage "accept takes no arguments"
+  acquire_run_lock
+  setup_venv
+  .venv/bin/python -m detrq accept
+  # The committed notebooks are re-rendered from the accepted results (every step is a cache hit), so that
+  # they show the committed files' paths and nbval re-executes them against those files.
+  step "re-render notebooks 01-05 from the accepted results" .venv/bin/python -m detrq notebooks \
+    --params params/default.yaml
+  if ls results/int8_*.json >/dev/null 2>&1; then
+    step "re-render notebook 06 from the accepted results" .venv/bin/python -m detrq notebooks \
+      --params params/int8.yaml --only 06_int8_faster_rcnn
+  fi
+  echo "== accepted; review with git status / git diff, then commit"
 }
 
 run_full() {
@@ -82,11 +148,18 @@ run_full() {
   [ -d "$coco" ] || die_usage "COCO directory not found: $coco"
   [ -f "$checkpoint" ] || die_usage "checkpoint not found: $checkpoint"
   case "$device" in cuda|cpu|cuda:*) ;; *) die_usage "--device must be cuda or cpu, got '$device'" ;; esac
+  acquire_run_lock
   setup_venv
   # Absolute paths: the notebooks resolve relative ones against the repository root, not this shell's cwd.
-  run_notebooks params/full.yaml --set "coco_root=$(cd "$coco" && pwd)" \
-    --set "checkpoint=$(cd "$(dirname "$checkpoint")" && pwd)/$(basename "$checkpoint")" --set "device=$device"
-  echo "== results in results/, figures in figures/, executed notebooks in notebooks/"
+  local paths=(--set "coco_root=$(cd "$coco" && pwd)"
+    --set "checkpoint=$(cd "$(dirname "$checkpoint")" && pwd)/$(basename "$checkpoint")" --set "device=$device")
+  # shellcheck disable=SC2046
+  step "notebooks 01-04" .venv/bin/python -m detrq notebooks --params params/full.yaml "${paths[@]}" \
+    $(in_run full) --only $PAPER_NOTEBOOKS
+  # shellcheck disable=SC2046
+  step "notebook 05 (sensitivity check)" .venv/bin/python -m detrq notebooks --params params/full.yaml \
+    "${paths[@]}" $(in_run full) --only 05_sensitivity_check
+  echo "== results in runs/full/results, figures in runs/full/figures, executed notebooks in runs/full/notebooks"
 }
 
 run_tests() {
@@ -98,7 +171,9 @@ run_tests() {
 }
 
 case "${1:-}" in
-  "") run_default ;;
+  ""|--reuse) run_default "$@" ;;
+  int8) shift; run_int8 "$@" ;;
+  accept) shift; run_accept "$@" ;;
   full) shift; run_full "$@" ;;
   test) shift; run_tests "$@" ;;
   -h|--help|help) usage ;;

@@ -1,6 +1,7 @@
 """``python -m detrq <command>``: thin command-line wrappers over the package's functions.
 
-Commands: make-data, train, evaluate, traces, allocate, notebooks. Bad input gives one ``error: ...`` line and exit
+Commands: make-data, train, evaluate, traces, allocate, curve, notebooks, int8, readme, and the run-directory
+steps of ``./reproduce.sh``: run-start, report, accept. Bad input gives one ``error: ...`` line and exit
 status 2; results are written atomically and reused when their inputs are unchanged.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from detrq.costs import NEGATIVE_POLICIES
@@ -135,14 +137,19 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> None:
-    from detrq.notebooks import NOTEBOOKS, load_parameters, parse_override, run_notebooks
+    from detrq.notebooks import ALL_NOTEBOOKS, NOTEBOOKS, load_parameters, parse_override, run_notebooks
 
     names = tuple(args.only) if args.only else NOTEBOOKS
-    unknown = [n for n in names if n not in NOTEBOOKS]
+    unknown = [n for n in names if n not in ALL_NOTEBOOKS]
     if unknown:
-        raise DetrqError(f"unknown notebook {unknown[0]!r}; choose from {', '.join(NOTEBOOKS)}")
-    params = load_parameters(args.params, dict(parse_override(o) for o in args.set))
-    seconds = run_notebooks(params, args.out_dir or PROJECT_ROOT / "notebooks", names=names)
+        raise DetrqError(f"unknown notebook {unknown[0]!r}; choose from {', '.join(ALL_NOTEBOOKS)}")
+    from detrq.locking import folder_lock
+    from detrq.pipeline import resolve_path
+
+    params = load_parameters(args.params, dict(parse_override(o) for o in args.set), names=ALL_NOTEBOOKS)
+    # The kernels write into results_dir: this process holds its lock for them.
+    with folder_lock(resolve_path(params.get("results_dir", "results")), wait=args.wait):
+        seconds = run_notebooks(params, args.out_dir or PROJECT_ROOT / "notebooks", names=names)
     print(f"notebooks: {sum(seconds.values()):.0f} s in all; results in {params.get('results_dir')}/, figures in "
           f"{params.get('figures_dir')}/")
 
@@ -159,6 +166,8 @@ def _add_model_args(s: argparse.ArgumentParser, split_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m detrq", description=__doc__.splitlines()[0])
+    p.add_argument("--wait", action="store_true",
+                   help="when another process is writing the same results folder, wait for it instead of stopping")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-data", help="write the synthetic COCO-layout dataset")
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, help="quantize every quantizable layer to N bits with Eq. (6)")
     s.add_argument("--bit-map", help="bit-map JSON {layer: bits} to apply before evaluating")
     s.add_argument("--out", help="write the metrics and protocol as JSON here (reused if inputs are unchanged)")
-    s.set_defaults(func=cmd_evaluate)
+    s.set_defaults(func=cmd_evaluate, writes=lambda a: a.out and Path(a.out).parent)
 
     s = sub.add_parser("traces", help="per-layer Hutchinson Hessian traces for one sensitivity metric")
     _add_model_args(s, "split the Hessian images come from (default: train for mini, train2017 otherwise)")
@@ -216,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when every layer's relative stderr is below this (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="probe seed (default: %(default)s)")
     s.add_argument("--out", help="default: results/traces_<metric>.json")
-    s.set_defaults(func=cmd_traces)
+    s.set_defaults(func=cmd_traces, writes=lambda a: Path(a.out).parent if a.out else Path("results"))
 
     s = sub.add_parser("allocate", help="ILP bit allocation from a traces or measured-costs file (Eq. (2) / (4))")
     s.add_argument("--traces", required=True, help="a results/traces_<metric>.json file")
@@ -228,20 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the ILP does with a negative trace estimate (default: %(default)s)")
     s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
     s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
-    s.set_defaults(func=cmd_allocate)
+    s.set_defaults(func=cmd_allocate, writes=lambda a: Path(a.out).parent if a.out else Path("results"))
 
     s = sub.add_parser("curve", help="AP under uniform Eq. (6) weight quantization at 8..3 bits")
     _add_model_args(s, "split name (default: val for mini, val2017 otherwise)")
     s.add_argument("--max-images", type=int, help="evaluate the first N images only")
     s.add_argument("--results-dir", default="results", help="default: %(default)s")
-    s.set_defaults(func=cmd_curve)
+    s.set_defaults(func=cmd_curve, writes=lambda a: Path(a.results_dir))
 
     s = sub.add_parser("readme", help="regenerate README.md's result sections from results/")
     s.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"), help="default: the repository's")
     s.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="default: %(default)s")
-    s.add_argument("--runtime", nargs="*", metavar="NAME=SECONDS",
-                   help="record the embedded default's measured step times (reproduce.sh passes them)")
     s.set_defaults(func=cmd_readme)
+
+    run_names = list(_run_dirs())
+    s = sub.add_parser("run-start", help="prepare runs/<run>/ for a run (reproduce.sh): emptied, or kept with --reuse")
+    s.add_argument("--run", required=True, choices=run_names, help="which part of the artifact")
+    s.add_argument("--reuse", action="store_true",
+                   help="keep the run directory's cached results (seeded from results/ when it has none)")
+    s.set_defaults(func=cmd_run_start, writes=lambda a: _run_dirs()[a.run] / "results")
+
+    s = sub.add_parser("report", help="compare runs/ with the committed results: results/reproduction.json")
+    s.add_argument("--run", choices=run_names, help="the run whose step times --runtime gives")
+    s.add_argument("--runtime", nargs="*", metavar="NAME=SECONDS", help="the run's measured step times")
+    s.set_defaults(func=cmd_report, writes=lambda a: PROJECT_ROOT / "results")
+
+    s = sub.add_parser("accept", help="replace the committed results/ and figures/ with the runs/ that were compared")
+    s.set_defaults(func=cmd_accept, writes=lambda a: PROJECT_ROOT / "results")
 
     s = sub.add_parser("notebooks", help="run notebooks/01..05 with papermill on a parameter file (reproduce.sh)")
     s.add_argument("--params", required=True, help="YAML parameter file, e.g. params/default.yaml")
@@ -261,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figures", help="write the activation figures (fx backend) to this directory")
     s.add_argument("--out", help="default: results/int8_frcnn_<name>_<backend>.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_int8)
+    s.set_defaults(func=cmd_int8, writes=lambda a: Path(a.out).parent if a.out else PROJECT_ROOT / "results")
     return p
 
 
@@ -294,33 +316,104 @@ def cmd_curve(args: argparse.Namespace) -> None:
 
 
 def cmd_readme(args: argparse.Namespace) -> None:
-    import os
-
     from detrq.readme import update_readme
-    from detrq.results import cpu_model, write_json_atomic
 
-    if args.runtime:
-        steps = []
-        for item in args.runtime:
-            name, _, secs = item.rpartition("=")
-            if not name or not secs.isdigit():
-                raise DetrqError(f"--runtime takes NAME=SECONDS, got {item!r}")
-            steps.append({"name": name, "seconds": int(secs)})
-        write_json_atomic(Path(args.results_dir) / "runtime_default.json", {
-            "steps": steps, "total_seconds": sum(s["seconds"] for s in steps),
-            "hardware": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU"})
     found = update_readme(args.readme, args.results_dir)
     print(f"updated {args.readme}: {', '.join(found) or 'no generated sections'}")
 
 
+def _run_dirs() -> dict[str, Path]:
+    from detrq.reproduction import RUN_NAMES, RUNS_DIR
+
+    return {name: RUNS_DIR / name for name in RUN_NAMES}
+
+
+def cmd_run_start(args: argparse.Namespace) -> None:
+    from detrq.reproduction import start_run
+
+    run_dir = _run_dirs()[args.run]
+    start = start_run(run_dir, args.reuse, PROJECT_ROOT / "results" if args.reuse else None)
+    where = run_dir.relative_to(PROJECT_ROOT)
+    if start.mode == "fresh":
+        print(f"== fresh run in {where}/: every result is computed again")
+    elif start.mode == "resumed":
+        print(f"== resuming the interrupted run in {where}/: the steps it finished are kept (rm -rf {where} to "
+              "start over)")
+    elif start.seeded:
+        print(f"== REUSING: {len(start.seeded)} committed result files copied into {where}/results as caches; "
+              "this run re-renders them and is not a reproduction")
+    else:
+        print(f"== REUSING the cached results already in {where}/results; not a reproduction")
+
+
+def _parse_runtime(items: list[str]) -> list[tuple[str, int]]:
+    steps = []
+    for item in items:
+        name, _, secs = item.rpartition("=")
+        if not name or not secs.isdigit():
+            raise DetrqError(f"--runtime takes NAME=SECONDS, got {item!r}")
+        steps.append((name, int(secs)))
+    return steps
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from detrq.reproduction import REPORT_NAME, compare_runs, report_text, write_report, write_runtime
+
+    runs = _run_dirs()
+    if args.runtime and not args.run:
+        raise DetrqError("--runtime needs --run NAME: the run whose step times they are")
+    if args.runtime:
+        write_runtime(runs[args.run], _parse_runtime(args.runtime))
+    report = compare_runs(PROJECT_ROOT / "results", runs)
+    write_report(report, [PROJECT_ROOT / "results" / REPORT_NAME]
+                 + [d / REPORT_NAME for d in runs.values() if (d / "results").is_dir()])
+    print(report_text(report))
+    print(f"== report: results/{REPORT_NAME} (per line: identical / within tolerance / differs / not run)")
+
+
+def cmd_accept(args: argparse.Namespace) -> None:
+    import shutil
+
+    from detrq.readme import update_readme
+    from detrq.reproduction import ACCEPTED_NAME, PARTS, REPORT_NAME, RUNTIME_NAME, accept_runs
+    from detrq.results import read_json
+
+    runs = _run_dirs()
+    results, figures = PROJECT_ROOT / "results", PROJECT_ROOT / "figures"
+    copied = accept_runs(runs, results, figures, PARTS)
+    if not copied:
+        raise DetrqError("nothing to accept: runs/ holds no finished run (./reproduce.sh, ./reproduce.sh int8)")
+    for name, run_dir in runs.items():
+        runtime = run_dir / RUNTIME_NAME
+        if runtime.is_file() and read_json(runtime)["from_scratch"]:
+            shutil.copy2(runtime, results / f"runtime_{name}.json")
+        elif runtime.is_file():
+            print(f"runtime of runs/{name} not taken: that run reused cached results")
+    shutil.copy2(results / REPORT_NAME, results / ACCEPTED_NAME)
+    print(f"accepted {len(copied)} files from runs/ into results/ and figures/; report kept as results/{ACCEPTED_NAME}")
+    found = update_readme(PROJECT_ROOT / "README.md", results)
+    print(f"updated README.md: {', '.join(found)}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import nullcontext
+
+    from detrq.locking import folder_lock
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        folder = args.writes(args) if getattr(args, "writes", None) else None
+        with folder_lock(folder, wait=args.wait) if folder else nullcontext():
+            args.func(args)
     except DetrqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # anything not a DetrqError is a bug in detrq: show where, and ask for a report
+        traceback.print_exc()
+        print("error: this is a bug in detrq, not in your input; please report it with the traceback above",
+              file=sys.stderr)
+        return 1
     return 0

@@ -40,10 +40,33 @@ def int8_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def runtime_markdown(runtime: dict[str, Any]) -> str:
-    steps = ", ".join(f"{s['name']} {s['seconds']} s" for s in runtime["steps"])
-    return (f"Measured on {runtime['hardware']}: {runtime['total_seconds'] / 60:.1f} minutes end to end "
-            f"({steps}).\n")
+def runtime_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
+    """One line per part of the artifact, from its last accepted from-scratch run (never a cached one)."""
+    lines = []
+    for command, runtime in runtimes.items():
+        steps = ", ".join(f"{s['name']} {s['seconds']} s" for s in runtime["steps"])
+        lines.append(f"- `{command}`: {runtime['total_seconds'] / 60:.1f} minutes from scratch on {runtime['cpu']} "
+                     f"({runtime['threads_available']} cores available, no GPU): {steps}.")
+    return "\n".join(lines) + "\n"
+
+
+def reproduction_markdown(report: dict[str, Any]) -> str:
+    """The report of the run that the committed results come from, against the results committed before it."""
+    c = report["counts"]
+    lines = [f"The committed results come from a run on {report['cpu']} whose report said **{report['verdict']}** "
+             f"against the results committed before it: {c['identical']} numbers identical, "
+             f"{c['within tolerance']} within tolerance, {c['differs']} differ, {c['not run']} not run "
+             f"(`results/reproduction_accepted.json`)."]
+    shown = [line for line in report["lines"] if line["verdict"] in ("within tolerance", "differs")]
+    if shown:
+        lines += ["", "| number | committed before | regenerated | verdict |", "|---|---:|---:|---|"]
+        lines += [f"| {line['item']} | {_cell(line['committed'])} | {_cell(line['regenerated'])} | {line['verdict']} |"
+                  for line in shown]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def sensitivity_markdown(check: dict[str, Any]) -> str:
@@ -71,7 +94,7 @@ def sensitivity_markdown(check: dict[str, Any]) -> str:
 def convergence_markdown(check: dict[str, Any]) -> str:
     """Notebook 02's convergence check: per scheme and budget, the worst bit-map agreement over probe seeds."""
     targets = list(next(iter(check["schemes"].values())))
-    lines = [f"| scheme | stable | " + " | ".join(f"{t}-bit agreement / objective spread" for t in targets) + " |",
+    lines = ["| scheme | stable | " + " | ".join(f"{t}-bit agreement / objective spread" for t in targets) + " |",
              "|---|---|" + "---:|" * len(targets)]
     for scheme, by_target in check["schemes"].items():
         lines.append(f"| {scheme} | {'yes' if check['stable'][scheme] else 'no'} | " + " | ".join(
@@ -90,13 +113,17 @@ def sections(results_dir: str | Path) -> dict[str, str]:
     """The text of every generated section, from the files in ``results_dir``."""
     results = Path(results_dir)
     int8 = sorted(results.glob("int8_*.json"))
+    runtimes = {command: read_json(results / f"runtime_{run}.json")
+                for run, command in (("default", "./reproduce.sh"), ("int8", "./reproduce.sh int8"))
+                if (results / f"runtime_{run}.json").is_file()}
     return {
         "table1": _section(results, "table1.json", table1_markdown),
         "claims": _section(results, "claims.json", lambda d: claims_markdown(d["claims"])),
         "sensitivity": _section(results, "sensitivity_check.json", sensitivity_markdown),
         "convergence": _section(results, "seed_stability.json", convergence_markdown),
         "quant-curve": _section(results, "quant_curve.json", quant_curve_markdown),
-        "runtime": _section(results, "runtime_default.json", runtime_markdown),
+        "runtime": runtime_markdown(runtimes) if runtimes else _missing("runtime_default.json"),
+        "reproduction": _section(results, "reproduction_accepted.json", reproduction_markdown),
         "int8": int8_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),
     }
 

@@ -22,3 +22,26 @@ def test_update_readme_fills_marked_sections_only(tmp_path):
     assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
     update_readme(readme, results)
     assert readme.read_text() == text  # idempotent
+
+
+def test_runtime_and_reproduction_sections_come_from_accepted_files(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BEGIN generated:runtime -->\n<!-- END generated:runtime -->\n"
+                      "<!-- BEGIN generated:reproduction -->\n<!-- END generated:reproduction -->\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    update_readme(readme, results)
+    assert "`results/runtime_default.json` is missing" in readme.read_text()
+    (results / "runtime_default.json").write_text(json.dumps({
+        "steps": [{"name": "notebooks 01-04", "seconds": 1200}, {"name": "curve", "seconds": 60}],
+        "total_seconds": 1260, "cpu": "AMD EPYC 9B14", "threads_available": 2, "from_scratch": True}))
+    lines = [{"item": "Table 1 4 loss AP", "committed": 40.0, "regenerated": 40.05, "verdict": "within tolerance"},
+             {"item": "claim: x", "committed": "holds", "regenerated": "holds", "verdict": "identical"}]
+    (results / "reproduction_accepted.json").write_text(json.dumps({
+        "verdict": "reproduced", "cpu": "AMD EPYC 9B14", "lines": lines,
+        "counts": {"identical": 1, "within tolerance": 1, "differs": 0, "not run": 0}}))
+    update_readme(readme, results)
+    text = readme.read_text()
+    assert "`./reproduce.sh`: 21.0 minutes from scratch on AMD EPYC 9B14 (2 cores available" in text
+    assert "**reproduced**" in text and "| Table 1 4 loss AP | 40 | 40.05 | within tolerance |" in text
+    assert "claim: x" not in text  # identical lines are counted, not listed

@@ -25,7 +25,7 @@ _ROWS = (("float_map", "float", "viridis"), ("int8_map", "int8", "viridis"),
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight", metadata={"Software": None})  # no version line: reruns match
     plt.close(fig)
     return path
 

@@ -34,8 +34,10 @@ from detrq.results import environment, sha256_file, write_json_atomic
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
 DEFAULT_DATA = PROJECT_ROOT / "data" / "synthetic"
-# The config fields that are paths: resolved for the run, stored relative to the repository root.
+# The config fields that are paths: resolved for the run. Inputs are stored relative to the repository root;
+# where the outputs went is not stored, so a results file reads the same from any run directory.
 _PATH_FIELDS = ("checkpoint", "data", "figures", "out")
+_OUTPUT_FIELDS = ("figures", "out")
 TARGETS = {"size_reduction_min": 0.74, "latency_ratio_max": 0.5, "AP_loss_points_max": 1.0}
 
 
@@ -117,7 +119,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     cached = load_cached(out, key) if reuse else None
     if cached is not None:
         figures = cached.get("activations", {}).get("figures", [])
-        if cfg.figures is None or (figures and all((PROJECT_ROOT / f).is_file() for f in figures)):
+        if cfg.figures is None or (figures and all((Path(cfg.figures) / f).is_file() for f in figures)):
             return cached
     val = detection_dataset(cfg.data, "val", mcfg.image_size, max_images=cfg.eval_images)
     calib, calib_ids = calibration_images(cfg.data, cfg.calib_images, cfg.calib_seed, mcfg.image_size)
@@ -166,7 +168,8 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
                         "image_ids": calib_ids, "policy": "class_balanced_subset"},
         "checkpoint": Path(cfg.checkpoint).name,
         "checkpoint_sha256": sha,
-        "config": {k: _repo_relative(v) if k in _PATH_FIELDS else v for k, v in dataclasses.asdict(cfg).items()},
+        "config": {k: _repo_relative(v) if k in _PATH_FIELDS else v for k, v in dataclasses.asdict(cfg).items()
+                   if k not in _OUTPUT_FIELDS},
         "environment": environment(),
         "cache_key": key,
     }
@@ -191,7 +194,8 @@ def _repo_relative(path: str | None) -> str | None:
 
 def activation_figures(model: nn.Module, qmodel: nn.Module, image: Tensor, float_dets: Detections,
                        int8_dets: Detections, fig_dir: str | Path, prefix: str = "int8") -> dict[str, Any]:
-    """The four layer figures for one image of an FX-quantized detector; returns per-layer SQNR and the paths.
+    """The four layer figures for one image of an FX-quantized detector; returns per-layer SQNR and the file
+    names (inside ``fig_dir``).
 
     Layers compared: every conv of the backbone and FPN, each int8 layer fed the float layer's input.
     """
@@ -211,8 +215,7 @@ def activation_figures(model: nn.Module, qmodel: nn.Module, image: Tensor, float
             "mean_rel_diff_pct": {d.name: float(d.rel_diff_map.mean()) for d in diffs},
             "min_sqnr_layer": min(diffs, key=lambda d: d.sqnr_db).name,
             "median_sqnr_db": float(np.median([d.sqnr_db for d in diffs])),
-            "figures": [str(p.relative_to(PROJECT_ROOT)) if p.is_relative_to(PROJECT_ROOT) else str(p)
-                        for p in paths]}
+            "figures": [p.name for p in paths]}
 
 
 def int8_markdown(records: dict[str, dict[str, Any]]) -> str:

@@ -1,0 +1,159 @@
+"""The reproduction report: verdicts per number, reused results never pass for a reproduction, and accepting
+replaces only the files a run owns."""
+
+import json
+import os
+import time
+
+import pytest
+
+from detrq import reproduction as rp
+from detrq.errors import DetrqError
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _results(root, ap=48.5, bits=None, trace=10.0, verdict="holds", latency=0.7, int8_ap=0.65):
+    """A minimal committed-results directory: Table 1, a bit map, traces, claims, curve, notebook 05, INT8."""
+    bits = bits or {"a": 4, "b": 6}
+    _write(root / "table1.json", {"rows": [{"precision": "4", "scheme": "loss", "AP": ap, "avg_bits": 4.0}]})
+    _write(root / "bitmap_loss_4bit.json", {"bit_map": bits})
+    _write(root / "traces_loss.json", {"layers": {
+        "a": {"trace": trace, "stderr": 1.0, "numel": 90},
+        "b": {"trace": 0.5, "stderr": 1.0, "numel": 10}}})  # b is below its stderr: not compared
+    _write(root / "claims.json", {"claims": [{"claim": "Loss Sen beats uniform at 4 bits", "verdict": verdict}]})
+    _write(root / "quant_curve.json", {"rows": [{"label": "W4", "AP": ap / 100}]})
+    _write(root / "sensitivity_check.json", {"rho_default": [{"scheme": "loss", "rho": 0.7}]})
+    _write(root / "int8_frcnn_narrow_fx.json", {
+        "model": "frcnn_narrow", "backend": "fx", "AP_float": 0.65, "AP_int8": int8_ap,
+        "size_bytes": {"float": 100, "int8": 27}, "latency_ratio": latency})
+    return root
+
+
+def _run(tmp_path, name, **kw):
+    run = tmp_path / "runs" / name
+    rp.start_run(run, reuse=False)
+    _results(run / "results", **kw)
+    return run
+
+
+def _verdicts(report):
+    return {line["item"]: line["verdict"] for line in report["lines"]}
+
+
+def test_identical_run_is_reproduced(tmp_path):
+    committed = _results(tmp_path / "results")
+    runs = {"default": _run(tmp_path, "default"), "int8": _run(tmp_path, "int8")}
+    report = rp.compare_runs(committed, runs)
+    assert report["counts"]["differs"] == 0 and report["counts"]["within tolerance"] == 0
+    assert report["verdict"] == "reproduced" and report["from_scratch"]
+    assert set(_verdicts(report).values()) == {"identical"}
+
+
+def test_each_kind_of_number_gets_its_verdict(tmp_path):
+    committed = _results(tmp_path / "results")
+    runs = {"default": _run(tmp_path, "default", ap=48.55, bits={"a": 4, "b": 5}, trace=10.0 + 1e-6,
+                            verdict="does not hold"),
+            "int8": _run(tmp_path, "int8", latency=0.8, int8_ap=0.64)}
+    report = rp.compare_runs(committed, runs)
+    v = _verdicts(report)
+    assert v["Table 1 4 loss AP"] == "within tolerance"  # 0.05 points
+    assert v["Table 1 4 loss avg_bits"] == "identical"
+    assert v["bit map loss_4bit"] == "differs"  # layer b is 10% of the weights
+    assert v["traces loss"] == "within tolerance"
+    assert v["claim: Loss Sen beats uniform at 4 bits"] == "differs"
+    assert v["INT8 frcnn_narrow fx AP_int8"] == "differs"  # exact
+    assert v["INT8 frcnn_narrow fx latency ratio"] == "within tolerance"  # 0.8 / 0.7 inside the band
+    assert report["verdict"] == "DIFFERS"
+    text = rp.report_text(report)
+    assert "WARNING: claim: Loss Sen beats uniform at 4 bits DIFFERS" in text and "committed results are unchanged" in text
+
+
+def test_bitmap_share_is_weighted_by_layer_size():
+    assert rp.identical_share({"a": 4, "b": 6}, {"a": 4, "b": 5}, {"a": 90, "b": 10}) == pytest.approx(0.9)
+    assert rp.identical_share({"a": 4, "b": 6}, {"a": 3, "b": 6}, {"a": 90, "b": 10}) == pytest.approx(0.1)
+
+
+def test_traces_ignore_noise_level_layers_but_not_resolved_ones():
+    old = {"a": {"trace": 10.0, "stderr": 1.0}, "b": {"trace": 0.5, "stderr": 1.0}}
+    worst, n, equal = rp.trace_difference(old, {"a": {"trace": 10.0, "stderr": 1.0},
+                                                "b": {"trace": -3.0, "stderr": 1.0}})
+    assert (worst, n, equal) == (0.0, 1, False)
+    worst, _, _ = rp.trace_difference(old, {"a": {"trace": 11.0, "stderr": 1.0}, "b": {"trace": 0.5, "stderr": 1.0}})
+    assert worst == pytest.approx(0.1)
+
+
+def test_missing_int8_run_is_not_run_not_differs(tmp_path):
+    committed = _results(tmp_path / "results")
+    report = rp.compare_runs(committed, {"default": _run(tmp_path, "default"), "int8": tmp_path / "runs" / "int8"})
+    v = _verdicts(report)
+    assert v["INT8 frcnn_narrow fx AP_float"] == "not run" and report["counts"]["differs"] == 0
+    assert report["verdict"].startswith("reproduced (part")
+    assert "./reproduce.sh int8" in rp.report_text(report)
+
+
+def test_reused_results_never_pass_for_a_reproduction(tmp_path):
+    committed = _results(tmp_path / "results")
+    old = time.time() - 100
+    for p in committed.iterdir():
+        os.utime(p, (old, old))
+    run = tmp_path / "runs" / "default"
+    start = rp.start_run(run, reuse=True, seed_from=committed)
+    assert start.mode == "reused" and "table1.json" in start.seeded
+    report = rp.compare_runs(committed, {"default": run})
+    assert report["counts"]["differs"] == 0 and not report["from_scratch"]
+    assert report["verdict"] == "reused cached results: not a reproduction"
+    assert "table1.json" in report["reused"]["default"]
+    # A file the run writes again counts as computed; the rest stay reused.
+    (run / "results" / "table1.json").write_text((committed / "table1.json").read_text())
+    assert "table1.json" not in rp.reused_files(run / "results")
+    # Without --reuse a finished run's directory starts empty, so nothing can be a cache hit.
+    (run / rp.REPORT_NAME).write_text("{}")
+    assert rp.start_run(run, reuse=False).mode == "fresh"
+    assert not any((run / "results").iterdir())
+
+
+def test_an_interrupted_run_resumes_and_its_files_count_as_computed(tmp_path):
+    committed = _results(tmp_path / "results")
+    run = _run(tmp_path, "default")  # started, wrote its results, never wrote its report
+    assert rp.start_run(run, reuse=False).mode == "resumed"
+    assert (run / "results" / "table1.json").is_file()
+    report = rp.compare_runs(committed, {"default": run})
+    assert report["from_scratch"] and report["verdict"].startswith("reproduced")
+    # ... but its step times cover only what was left, so they are not a from-scratch runtime.
+    assert not rp.write_runtime(run, [("notebook 05", 300)])["from_scratch"]
+
+
+def test_accept_replaces_only_what_each_run_owns_and_needs_a_report(tmp_path):
+    results, figures = _results(tmp_path / "results"), tmp_path / "figures"
+    figures.mkdir()
+    (figures / "fig1.png").write_bytes(b"old")
+    (figures / "int8_sqnr.png").write_bytes(b"old int8")
+    _write(results / "runtime_default.json", {"kept": True})
+    _write(results / "stale_default.json", {})
+    run = _run(tmp_path, "default", ap=40.0)
+    (run / "figures").mkdir()
+    (run / "figures" / "fig1.png").write_bytes(b"new")
+    runs = {"default": run, "int8": tmp_path / "runs" / "int8"}
+    with pytest.raises(DetrqError, match="no reproduction.json"):
+        rp.accept_runs(runs, results, figures, rp.PARTS)
+    assert json.loads((results / "table1.json").read_text())["rows"][0]["AP"] == 48.5  # untouched
+    (run / rp.REPORT_NAME).write_text("{}")
+    copied = rp.accept_runs(runs, results, figures, rp.PARTS)
+    assert "results/table1.json" in copied and "figures/fig1.png" in copied
+    assert json.loads((results / "table1.json").read_text())["rows"][0]["AP"] == 40.0
+    assert (figures / "fig1.png").read_bytes() == b"new"
+    assert (figures / "int8_sqnr.png").read_bytes() == b"old int8"  # the INT8 part was not run: kept
+    assert (results / "int8_frcnn_narrow_fx.json").is_file()
+    assert (results / "runtime_default.json").is_file()  # runtimes are taken only from from-scratch runs
+    assert not (results / "stale_default.json").exists()  # a file the run no longer makes goes
+
+
+def test_runtime_records_the_cpu_and_whether_it_was_from_scratch(tmp_path):
+    run = _run(tmp_path, "default")
+    runtime = rp.write_runtime(run, [("notebooks 01-04", 1200), ("curve", 25)])
+    assert runtime["total_seconds"] == 1225 and runtime["from_scratch"] and runtime["cpu"]
+    assert json.loads((run / rp.RUNTIME_NAME).read_text()) == runtime
