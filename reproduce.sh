@@ -79,8 +79,8 @@ parse_reuse() {  # parse_reuse ARGS...: sets REUSE to --reuse or empty
 }
 
 ensure_data() {
-  step "synthetic data (generated if missing)" .venv/bin/python -c \
-    "from detrq.cli import EMBEDDED, ensure_embedded_data; ensure_embedded_data(EMBEDDED['data'])"
+  step "synthetic data (generated if missing)" .venv/bin/python -c "import sys; from detrq.cli import EMBEDDED, \
+ensure_embedded_data, guarded; sys.exit(guarded(ensure_embedded_data, EMBEDDED['data']))"
 }
 
 in_run() {  # in_run RUN: the parameter overrides that send a notebook's results, figures and copy to runs/RUN/
@@ -100,6 +100,9 @@ run_default() {
   # shellcheck disable=SC2046
   step "notebook 05 (sensitivity check)" .venv/bin/python -m detrq notebooks --params params/default.yaml \
     $(in_run default) --only 05_sensitivity_check
+  # shellcheck disable=SC2046
+  step "notebook 07 (Pareto fronts, quantizers, Table 2)" .venv/bin/python -m detrq notebooks \
+    --params params/default.yaml $(in_run default) --only 07_pareto
   step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet \
     --results-dir runs/default/results
   .venv/bin/python -m detrq report --run default --runtime "${TIMES[@]}"
@@ -124,7 +127,7 @@ run_accept() {
   .venv/bin/python -m detrq accept
   # The committed notebooks are re-rendered from the accepted results (every step is a cache hit), so that
   # they show the committed files' paths and nbval re-executes them against those files.
-  step "re-render notebooks 01-05 from the accepted results" .venv/bin/python -m detrq notebooks \
+  step "re-render notebooks 01-05 and 07 from the accepted results" .venv/bin/python -m detrq notebooks \
     --params params/default.yaml
   if ls results/int8_*.json >/dev/null 2>&1; then
     step "re-render notebook 06 from the accepted results" .venv/bin/python -m detrq notebooks \
@@ -159,6 +162,9 @@ run_full() {
   # shellcheck disable=SC2046
   step "notebook 05 (sensitivity check)" .venv/bin/python -m detrq notebooks --params params/full.yaml \
     "${paths[@]}" $(in_run full) --only 05_sensitivity_check
+  # shellcheck disable=SC2046
+  step "notebook 07 (Pareto fronts, quantizers, Table 2)" .venv/bin/python -m detrq notebooks \
+    --params params/full.yaml "${paths[@]}" $(in_run full) --only 07_pareto
   echo "== results in runs/full/results, figures in runs/full/figures, executed notebooks in runs/full/notebooks"
 }
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,20 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def load_cached(path: str | Path, key: str) -> dict | None:
-    """The result at ``path`` if it exists, parses and carries ``key``; otherwise None (never raises)."""
+def load_cached(path: str | Path, key: str, check: Callable[[Any, str], Any] | None = None) -> dict | None:
+    """The result at ``path`` if it exists, parses and carries ``key`` (and passes ``check(obj, name)`` when
+    given, e.g. ``file_checks.check_traces``); otherwise None (never raises). A file that exists but is corrupt
+    is recomputed, and a ``warning:`` line on stderr says so."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         obj = read_json(path)
-    except DetrqError:
+        if not isinstance(obj, dict):
+            raise DetrqError(f"{path} is not a JSON object")
+        if obj.get("cache_key") == key and check is not None:
+            check(obj, str(path))
+    except DetrqError as e:
+        print(f"warning: cached result is corrupt, recomputing it: {e}", file=sys.stderr)
         return None
-    return obj if isinstance(obj, dict) and obj.get("cache_key") == key else None
+    return obj if obj.get("cache_key") == key else None

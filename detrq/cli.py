@@ -1,8 +1,8 @@
 """``python -m detrq <command>``: thin command-line wrappers over the package's functions.
 
-Commands: make-data, train, evaluate, traces, allocate, curve, notebooks, int8, readme, and the run-directory
-steps of ``./reproduce.sh``: run-start, report, accept. Bad input gives one ``error: ...`` line and exit
-status 2; results are written atomically and reused when their inputs are unchanged.
+Commands: make-data, check-data, train, evaluate, traces, allocate, curve, pack, pareto, notebooks, int8, readme,
+and the run-directory steps of ``./reproduce.sh``: run-start, report, accept. Bad input gives one ``error: ...``
+line and exit status 2; results are written atomically and reused when their inputs are unchanged.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ import argparse
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from detrq.costs import NEGATIVE_POLICIES
 from detrq.errors import DetrqError
 from detrq.hessian import ALL_METRICS, BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS
 from detrq.paths import PROJECT_ROOT
+from detrq.quantizers import QUANTIZERS
 
 EMBEDDED = {  # the embedded default: where its data and checkpoint live and how the data is made
     "data": PROJECT_ROOT / "data" / "synthetic",
@@ -125,11 +128,15 @@ def cmd_allocate(args: argparse.Namespace) -> None:
     if checkpoint is None:
         raise DetrqError(f"preset {args.preset!r} needs --checkpoint FILE")
     model, sha = load_model(args.preset, checkpoint)
+    from detrq.file_checks import check_traces
+    from detrq.quant import quantizable_layers
+
+    check_traces(traces, args.traces, quantizable_layers(model))
     if traces.get("checkpoint_sha256") not in (None, sha):
         raise DetrqError(f"{args.traces} was computed for another checkpoint (sha256 "
                          f"{traces['checkpoint_sha256'][:12]}, this one {sha[:12]})")
     bits = parse_bits_range(args.bits) if args.bits else paper_bits_range(args.avg_bits)
-    out = args.out or f"results/bitmap_{traces['metric']}_{args.avg_bits:g}bit.json"
+    out = args.out or f"results/bitmap_{traces.get('metric', 'measured')}_{args.avg_bits:g}bit.json"
     result = run_allocation(model, traces, args.avg_bits, bits, out, negative_traces=args.negative_traces,
                             time_limit=args.time_limit)
     print(f"{result['metric']}: average {result['avg_bits']:.3f} bits (target {args.avg_bits:g}, range "
@@ -152,6 +159,42 @@ def cmd_notebooks(args: argparse.Namespace) -> None:
         seconds = run_notebooks(params, args.out_dir or PROJECT_ROOT / "notebooks", names=names)
     print(f"notebooks: {sum(seconds.values()):.0f} s in all; results in {params.get('results_dir')}/, figures in "
           f"{params.get('figures_dir')}/")
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    import torch
+
+    from detrq.packing import load_packed, save_packed
+    from detrq.pipeline import build_quantizer, load_model
+    from detrq.quant import load_bit_map
+    from detrq.quantizers import QuantizerSettings, dequantize
+
+    checkpoint, coco, split = _resolve(args, "train")
+    settings = QuantizerSettings(name=args.quantizer, act_order=args.act_order, calib_images=args.calib_images)
+    model, sha = load_model(args.preset, checkpoint, args.device)
+    bit_map = load_bit_map(args.bit_map, model)
+    quantizer = build_quantizer(model, sha, coco, split, settings, device=args.device)
+    params = dict(model.named_parameters())
+    codes = {n: quantizer.codes(n, params[n], b) for n, b in bit_map.items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = {"preset": args.preset, "checkpoint_sha256": sha, "quantizer": quantizer.key,
+            "bit_map_file": Path(args.bit_map).name}
+    report = save_packed(args.out, state, codes, meta)
+    # Read back what was written: the file must restore exactly the weights an evaluation of this bit map uses.
+    loaded, _ = load_packed(args.out)
+    bad = [n for n, c in codes.items() if not torch.equal(loaded[n], dequantize(c))]
+    if bad:
+        raise RuntimeError(f"packed weight {bad[0]} does not round-trip bit for bit")
+    mb = 1e6
+    print(f"wrote {args.out}: {report['file_bytes'] / mb:.3f} MB (ideal {report['ideal_bytes'] / mb:.3f} MB, "
+          f"overhead {100 * report['overhead']:.2f}%; float32 {report['float_bytes'] / mb:.3f} MB); "
+          f"{len(codes)} layers at {report['average_bits']:.2f} average bits, {args.quantizer}; "
+          "every packed weight verified bit-identical")
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    args.only = ["07_pareto"]
+    cmd_notebooks(args)
 
 
 def _add_model_args(s: argparse.ArgumentParser, split_help: str) -> None:
@@ -244,6 +287,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, help="evaluate the first N images only")
     s.add_argument("--results-dir", default="results", help="default: %(default)s")
     s.set_defaults(func=cmd_curve, writes=lambda a: Path(a.results_dir))
+
+    s = sub.add_parser("check-data", help="check a COCO-format data set (annotations and images) before use",
+                       description=CHECK_DATA_HELP)
+    s.add_argument("--coco", help="COCO-layout root with annotations/ and the split folders (default: the synthetic "
+                                  "set)")
+    s.add_argument("--split", help="split to check, e.g. val2017 (default: every annotations/instances_*.json)")
+    s.add_argument("--preset", help="also check the category ids against this model preset's classes (mini, r50)")
+    s.set_defaults(func=cmd_check_data)
+
+    s = sub.add_parser("pack", help="write a bit-packed checkpoint: n-bit integer codes, scales, the float rest",
+                       description="Packs each layer of a bit map at exactly its bits per weight (plus its scales) "
+                       "and stores the rest in float; `detrq.packing.load_packed` restores exactly the "
+                       "fake-quantized weights that an evaluation of the bit map uses.")
+    _add_model_args(s, "gptq only: calibration split (default: train for mini, train2017 otherwise; never val)")
+    s.add_argument("--bit-map", required=True, help="a bit-map file (results/bitmap_*.json)")
+    s.add_argument("--quantizer", default="eq6", choices=QUANTIZERS, help="default: %(default)s")
+    s.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    s.add_argument("--calib-images", type=int, default=128, help="gptq: calibration images (default: %(default)s)")
+    s.add_argument("--out", required=True, help="the packed file to write (atomically)")
+    s.set_defaults(func=cmd_pack, writes=lambda a: Path(a.out).parent)
+
+    s = sub.add_parser("pareto", help="notebook 07: mAP-vs-bits Pareto fronts, three quantizers, Table 2",
+                       description="Runs notebook 07 (papermill) with a parameter file: every sensitivity scheme "
+                       "and Measured Sen allocated at 3.5..8 average bits and evaluated, per quantizer; writes "
+                       "results/pareto.json, results/table2.*, figures/fig3_pareto.* and figures/fig4_per_class.*. "
+                       "Needs notebook 01's traces and notebook 02's measured costs in the results folder.")
+    s.add_argument("--params", default="params/default.yaml", help="YAML parameter file (default: %(default)s)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter (repeatable), e.g. --set quantizers=[eq6]")
+    s.add_argument("--out-dir", help="where the executed notebook goes (default: over notebooks/07_pareto.ipynb)")
+    s.set_defaults(func=cmd_pareto)
 
     s = sub.add_parser("readme", help="regenerate README.md's result sections from results/")
     s.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"), help="default: the repository's")
@@ -395,25 +469,95 @@ def cmd_accept(args: argparse.Namespace) -> None:
     print(f"updated README.md: {', '.join(found)}")
 
 
+CHECK_DATA_HELP = """Check a COCO-format data set before use, as every loader does: the JSON's structure and types;
+image entries (unique ids, file present and decodable, size as recorded); annotations (unique ids, an existing
+image, a known category, a finite bbox with width and height >= 0 that overlaps its image, area and iscrowd of
+the right type); categories (unique ids; inside the preset's classes with --preset). Every problem is listed with
+its count and first examples. Exit 0 when the data is usable (soft problems are printed as warnings: a box
+crossing the image border is clipped, a zero-size box, an image without annotations, one file under two ids),
+2 with one error line otherwise."""
+
+
+def cmd_check_data(args: argparse.Namespace) -> None:
+    from detrq.data.validate import check_coco
+    from detrq.models.detr import PRESETS
+
+    root = Path(args.coco) if args.coco else EMBEDDED["data"]
+    if not root.is_dir():
+        raise DetrqError(f"COCO root not found: {root}; pass the directory holding annotations/ and the split folders")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise DetrqError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    num_classes = PRESETS[args.preset].num_classes if args.preset else None
+    if args.split:
+        splits = [args.split]
+    else:
+        found = (root / "annotations").glob("instances_*.json")
+        splits = sorted(f.name[len("instances_"):-len(".json")] for f in found)
+        if not splits:
+            raise DetrqError(f"no annotations/instances_<split>.json under {root}; pass the COCO root")
+    failed = []
+    for split in splits:
+        image_dir = root / split
+        _, report = check_coco(root / "annotations" / f"instances_{split}.json",
+                               image_dir if image_dir.is_dir() else None, num_classes=num_classes,
+                               raise_errors=False, quiet=True)
+        print(report.summary())
+        for line in report.warning_lines():
+            print(f"warning: {line}", file=sys.stderr)
+        if not image_dir.is_dir():
+            failed.append(f"image directory not found: {image_dir}; put the {split} images there")
+        if report.errors:
+            failed.append(report.error_line())
+    if failed:
+        more = f" (and {len(failed) - 1} more, listed above)" if len(failed) > 1 else ""
+        raise DetrqError(failed[0] + more)
+
+
 def main(argv: list[str] | None = None) -> int:
     from contextlib import nullcontext
 
     from detrq.locking import folder_lock
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         folder = args.writes(args) if getattr(args, "writes", None) else None
         with folder_lock(folder, wait=args.wait) if folder else nullcontext():
             args.func(args)
+
+    return guarded(run)
+
+
+def guarded(fn: Callable[..., Any], *args: Any) -> int:
+    """Run ``fn(*args)`` as a command: its exit status, with one ``error:`` line for bad input (2), ``interrupted``
+    for Ctrl-C (130), and a traceback plus a bug-report line only for a bug in detrq (1). ``reproduce.sh``'s
+    Python one-liners go through it too, so that no traceback reaches a user from there either."""
+    try:
+        fn(*args)
     except DetrqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:  # anything not a DetrqError is a bug in detrq: show where, and ask for a report
-        traceback.print_exc()
-        print("error: this is a bug in detrq, not in your input; please report it with the traceback above",
+    except OSError as e:
+        if e.errno is None:  # not the system's answer to a file operation: treat as a bug below
+            return _bug()
+        # The system refused a file operation (permissions, a full disk, a path that went away): the user's to fix.
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}:{where}; check the path, its permissions and the free disk space",
               file=sys.stderr)
-        return 1
+        return 2
+    except MemoryError:
+        print("error: out of memory; use fewer images or a smaller batch size", file=sys.stderr)
+        return 2
+    except Exception:  # anything else is a bug in detrq: show where, and ask for a report
+        return _bug()
     return 0
+
+
+def _bug() -> int:
+    traceback.print_exc()
+    print("error: this is a bug in detrq, not in your input; please report it with the traceback above",
+          file=sys.stderr)
+    return 1

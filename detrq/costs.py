@@ -27,7 +27,7 @@ from torch import Tensor
 
 from detrq.errors import DetrqError
 from detrq.hessian import FIRST_ORDER, METRICS
-from detrq.quant import quantize_tensor
+from detrq.quantizers import EQ6, WeightQuantizer
 
 NEGATIVE_POLICIES: tuple[str, ...] = ("keep", "clip", "abs")
 # E|x| = sqrt(2/pi) sigma for x ~ N(0, sigma^2): the isotropic error model of the first-order term.
@@ -44,8 +44,10 @@ def apply_negative_policy(value: float, policy: str) -> float:
 
 
 def squared_errors(weights: Mapping[str, Tensor], bits_range: Iterable[int],
-                   reference: Mapping[str, Tensor] | None = None) -> dict[str, dict[int, float]]:
-    """``||Q_b(W) - W_ref||^2`` per layer and bit width, summed in float64 (``W_ref`` = W unless given)."""
+                   reference: Mapping[str, Tensor] | None = None, quantizer: WeightQuantizer = EQ6
+                   ) -> dict[str, dict[int, float]]:
+    """``||Q_b(W) - W_ref||^2`` per layer and bit width, summed in float64 (``W_ref`` = W unless given), with
+    ``Q_b`` the chosen quantizer's: the ILP's costs follow the quantizer that will be applied."""
     bits_list = sorted(set(bits_range))
     if not bits_list:
         raise DetrqError("the bits range is empty")
@@ -56,30 +58,30 @@ def squared_errors(weights: Mapping[str, Tensor], bits_range: Iterable[int],
     for name, w in weights.items():
         w = w.detach()
         ref = (w if reference is None else reference[name].detach()).double()
-        out[name] = {b: (quantize_tensor(w, b).double() - ref).pow(2).sum().item() for b in bits_list}
+        out[name] = {b: (quantizer.quantize(name, w, b).double() - ref).pow(2).sum().item() for b in bits_list}
     return out
 
 
 def paper_costs(avg_traces: Mapping[str, float], weights: Mapping[str, Tensor], bits_range: Iterable[int],
-                reference: Mapping[str, Tensor] | None = None, negative_traces: str = "keep"
-                ) -> dict[str, dict[int, float]]:
+                reference: Mapping[str, Tensor] | None = None, negative_traces: str = "keep",
+                quantizer: WeightQuantizer = EQ6) -> dict[str, dict[int, float]]:
     """Eq. (2) / (4): ``avg_trace * ||Q_b(W) - W_ref||^2`` after the ``negative_traces`` policy."""
     missing = [n for n in avg_traces if n not in weights]
     if missing:
         raise DetrqError(f"no weight for layer {missing[0]!r}")
-    errors = squared_errors({n: weights[n] for n in avg_traces}, bits_range, reference)
+    errors = squared_errors({n: weights[n] for n in avg_traces}, bits_range, reference, quantizer)
     return {n: {b: apply_negative_policy(float(t), negative_traces) * e for b, e in errors[n].items()}
             for n, t in avg_traces.items()}
 
 
 def first_order_terms(kl_avg_traces: Mapping[str, float], row_norm_sums: Mapping[str, float], l1_scale: float,
-                      weights: Mapping[str, Tensor], bits_range: Iterable[int], negative_traces: str = "keep"
-                      ) -> dict[str, dict[int, dict[str, float]]]:
+                      weights: Mapping[str, Tensor], bits_range: Iterable[int], negative_traces: str = "keep",
+                      quantizer: WeightQuantizer = EQ6) -> dict[str, dict[int, dict[str, float]]]:
     """Both predicted terms of the first-order cost per layer and bit: ``{"kl": 1/2 ..., "l1": c sqrt(2/pi) ...}``."""
     missing = [n for n in kl_avg_traces if n not in weights or n not in row_norm_sums]
     if missing:
         raise DetrqError(f"no weight or Jacobian row-norm sum for layer {missing[0]!r}")
-    errors = squared_errors({n: weights[n] for n in kl_avg_traces}, bits_range)
+    errors = squared_errors({n: weights[n] for n in kl_avg_traces}, bits_range, quantizer=quantizer)
     out = {}
     for n, trace in kl_avg_traces.items():
         trace = apply_negative_policy(float(trace), negative_traces)
@@ -104,20 +106,25 @@ def measured_costs(measured: Mapping[str, Any], bits_range: Iterable[int]) -> di
 
 
 def cost_table(traces: Mapping[str, Any], weights: Mapping[str, Tensor], bits_range: Iterable[int],
-               negative_traces: str = "keep") -> dict[str, dict[int, float]]:
-    """The ILP's cost table for one traces result (a file written by ``pipeline.run_traces``)."""
+               negative_traces: str = "keep", quantizer: WeightQuantizer = EQ6) -> dict[str, dict[int, float]]:
+    """The ILP's cost table for one traces result (a file written by ``pipeline.run_traces``), for the
+    quantizer that will be applied (a measured table must have been measured with that quantizer)."""
     metric = traces.get("metric", "measured" if "reference_bits" in traces else None)
     layers = traces.get("layers")
     if metric not in (*METRICS, FIRST_ORDER, "measured") or not isinstance(layers, Mapping):
         raise DetrqError(f"not a traces result (metric {metric!r}): pass a file written by `detrq traces`")
     if metric == "measured":
+        measured_with = traces.get("settings", {}).get("quantizer", "eq6")
+        if measured_with != quantizer.name:
+            raise DetrqError(f"these measured costs were measured with the {measured_with} quantizer, not "
+                             f"{quantizer.name}: measure them with the quantizer that will be applied")
         return measured_costs(traces, bits_range)
     if metric == FIRST_ORDER:
         terms = first_order_terms({n: v["kl"]["avg_trace"] for n, v in layers.items()},
                                   {n: v["jacobian"]["sum"] for n, v in layers.items()}, traces["l1_scale"],
-                                  weights, bits_range, negative_traces)
+                                  weights, bits_range, negative_traces, quantizer)
         return {n: {b: t["kl"] + t["l1"] for b, t in by_bits.items()} for n, by_bits in terms.items()}
-    reference = ({n: quantize_tensor(weights[n].detach(), 8) for n in layers if n in weights}
+    reference = ({n: quantizer.quantize(n, weights[n].detach(), 8) for n in layers if n in weights}
                  if metric == "out-quant" else None)
     return paper_costs({n: v["avg_trace"] for n, v in layers.items()}, weights, bits_range, reference,
-                       negative_traces)
+                       negative_traces, quantizer)

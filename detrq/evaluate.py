@@ -160,5 +160,8 @@ def evaluate(
         "transform": dataset.transform.describe(),
         "device": str(device),
     }
+    report = getattr(dataset, "data_report", None)
+    if report is not None and report.warnings:  # soft problems of the data (data.validate), so a reader knows
+        metrics["protocol"]["data_warnings"] = report.protocol()
     metrics["detections"] = detections
     return metrics

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import mip
 
 from detrq.errors import DetrqError
-from detrq.quant import MAX_BITS, MIN_BITS
+from detrq.quantizers import MAX_BITS, MIN_BITS
 
 # Slack on the budget check after solving: the constraint is built from floats.
 _BUDGET_RTOL = 1e-9

@@ -29,10 +29,14 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[Path]
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise DetrqError(f"{folder} is being written by {holder}; wait for it to finish (or pass --wait)") from None
+            if not wait:
+                raise DetrqError(f"{folder} is being written by {holder}; wait for it to finish (or pass --wait)") \
+                    from None
+            print(f"waiting for {holder} to finish writing {folder} ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))})"
                       .encode(), 0)

@@ -1,9 +1,11 @@
 """Running the notebooks with papermill, cleaning what papermill adds, and the summaries they print.
 
-``run_notebooks`` executes ``notebooks/01_hessian_traces`` ... ``05_sensitivity_check`` (or the INT8 notebook 06)
+``run_notebooks`` executes ``notebooks/01_hessian_traces`` ... ``05_sensitivity_check`` and ``07_pareto`` (or the
+INT8 notebook 06)
 in order with one parameter set (a YAML file from ``params/`` plus overrides), writes the executed copies (by
 default over the committed ones) and strips papermill's timestamps, execution metadata and random cell id, so
-that a rerun changes only what the results change. The ``*_summary`` functions are the short, rounded text each notebook's last cell prints for nbval.
+that a rerun changes only what the results change. The ``*_summary`` functions are the short, rounded text each
+notebook's last cell prints for nbval.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from detrq.results import atomic_output
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS: tuple[str, ...] = ("01_hessian_traces", "02_bit_allocation", "03_table1", "04_figures",
-                              "05_sensitivity_check")
+                              "05_sensitivity_check", "07_pareto")
 INT8_NOTEBOOK = "06_int8_faster_rcnn"  # run on its own (params/int8.yaml): a different model and a longer run
 ALL_NOTEBOOKS: tuple[str, ...] = (*NOTEBOOKS, INT8_NOTEBOOK)
 # papermill gives the cell it injects a new random id on every run; a fixed one keeps reruns byte-identical.
@@ -293,4 +295,19 @@ def sensitivity_summary(check: dict[str, Any]) -> str:
                  f"{check['negative_traces']}")
     for t in check["targets"]:
         lines.append(f"target {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['value']}")
+    return "\n".join(lines)
+
+
+def pareto_summary(table: dict[str, Any]) -> str:
+    """Notebook 07: Table 2's AP per quantizer and scheme (1 decimal) and whether the 4-bit moonshot holds."""
+    lines = [f"float AP {100 * table['float']['AP']:.1f}, {table['float']['size_mb']:.2f} MB"]
+    for r in table["rows"]:
+        delta = "" if r["delta_uniform"] is None else f" delta {100 * r['delta_uniform']:+.1f}"
+        lines.append(f"{r['precision']:>5s} {r['quantizer']:11s} {r['source']:20s} AP {100 * r['AP']:5.1f} "
+                     f"bits {r['avg_bits']:.2f} {r['size_mb']:.3f} MB{delta}")
+    shot = table["moonshot"]
+    if shot["best"] is not None:
+        best = shot["best"]
+        lines.append(f"moonshot (4 bits within 1 AP of float): {'holds' if shot['holds'] else 'does not hold'}; "
+                     f"best {best['quantizer']} {best['source']} {shot['gap_points']:.1f} points below float")
     return "\n".join(lines)

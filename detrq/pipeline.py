@@ -22,14 +22,16 @@ from detrq.cache import cache_key, load_cached
 from detrq.data.coco import CocoDetection, EvalTransform, class_balanced_subset, collate
 from detrq.errors import DetrqError
 from detrq.evaluate import evaluate
+from detrq.file_checks import check_traces
 from detrq.costs import cost_table
 from detrq.hessian import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, TraceSettings, check_metric,
-                           distillation_term_traces, first_order_sensitivity, ggn_approximates, sensitivity,
+                           distillation_term_traces, first_order_sensitivity, approximates, sensitivity,
                            total_trace)
 from detrq.ilp import allocate_bits
 from detrq.models.detr import DETR, build_detr, load_checkpoint
 from detrq.paths import PROJECT_ROOT
-from detrq.quant import average_bits, quantizable_layers, quantize_tensor, quantized, model_size_bits
+from detrq.quant import average_bits, quantizable_layers, quantized, model_size_bits
+from detrq.quantizers import EQ6, QuantizerSettings, WeightQuantizer
 from detrq.results import environment, read_json, sha256_file, write_json_atomic
 
 
@@ -51,8 +53,9 @@ class Scheme:
         check_metric(self.metric)
         TraceSettings(estimator=self.estimator, **self._probe_fields())  # validates the name and probe counts
         if not self.variant and self.approximate:
-            raise DetrqError(f"the {METRIC_NAMES[self.metric]} row uses the Hessian: ggn only approximates it "
-                             f"there; list '{self.metric}:ggn' under extra_variants instead")
+            raise DetrqError(f"the {METRIC_NAMES[self.metric]} row uses the Hessian: {self.estimator} only "
+                             f"approximates it there; list '{self.metric}:{self.estimator}' under extra_variants "
+                             "instead")
 
     @property
     def name(self) -> str:
@@ -67,14 +70,14 @@ class Scheme:
 
     @property
     def approximate(self) -> bool:
-        """True when the estimate is of an approximation of the metric's Hessian (GGN away from float weights)."""
-        return ggn_approximates(self.metric, self.estimator)
+        """True when the estimate is of an approximation of the metric's Hessian (``hessian.approximates``)."""
+        return approximates(self.metric, self.estimator)
 
     @property
     def label(self) -> str:
         label = METRIC_NAMES[self.metric]
         if self.variant:
-            note = "GGN approximation" if self.approximate else self.estimator
+            note = {"ggn": "GGN approximation", "fisher": "empirical Fisher"}.get(self.estimator, self.estimator)
             label = f"{label.replace(' (beyond the paper)', '')} [{note}] (beyond the paper)"
         return label
 
@@ -122,9 +125,10 @@ def load_model(preset: str, checkpoint: str | Path, device: str = "cpu", *, min_
 
 def eval_dataset(model: DETR, root: str | Path, split: str, max_images: int | None = None,
                  image_ids: list[int] | None = None) -> CocoDetection:
-    """A split with the model's evaluation size policy (also used for the Hessian images: no augmentation)."""
+    """A split with the model's evaluation size policy (also used for the Hessian images: no augmentation),
+    validated (``data.validate``), its category ids against the model's classes too."""
     return CocoDetection(root, split, EvalTransform(model.cfg.min_size, model.cfg.max_size), image_ids=image_ids,
-                         max_images=max_images)
+                         max_images=max_images, num_classes=model.cfg.num_classes)
 
 
 def hessian_batches(dataset: CocoDetection, batch_size: int, device: str = "cpu") -> list[tuple[list, list]]:
@@ -153,7 +157,7 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
     key = cache_key(kind="traces", metric=metric, checkpoint=checkpoint_sha, split=split, image_ids=image_ids,
                     settings=settings.to_dict(), transform=full.transform.describe(),
                     layers=list(quantizable_layers(model)))
-    cached = load_cached(out, key)
+    cached = load_cached(out, key, check=check_traces)
     if cached is not None:
         return cached
     subset = eval_dataset(model, root, split, image_ids=image_ids)
@@ -169,19 +173,49 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
                                                               progress=progress).items()}
     result = {
         "cache_key": key, "metric": metric, "estimator": settings.estimator,
-        "approximation": ggn_approximates(metric, settings.estimator),
+        "approximation": approximates(metric, settings.estimator),
         "checkpoint_sha256": checkpoint_sha, "split": split, "image_ids": image_ids,
         "settings": settings.to_dict(), "transform": full.transform.describe(), "layers": layers, **extra,
+        # Soft problems of the data (data.validate), so a reader of the traces knows, as evaluations record them.
+        **({"data_warnings": full.data_report.protocol()} if full.data_report.warnings else {}),
         "seconds": time.perf_counter() - start, "environment": environment(),
     }
     write_json_atomic(out, result)
     return result
 
 
+def quantizer_key(quantizer: WeightQuantizer) -> dict[str, Any]:
+    """The cache-key part of a quantizer: empty for Eq. (6), so that results made before quantizers existed
+    keep their keys."""
+    return {} if quantizer.name == "eq6" else {"quantizer": quantizer.key}
+
+
+def build_quantizer(model: DETR, checkpoint_sha: str, root: str | Path, split: str,
+                    settings: QuantizerSettings = QuantizerSettings(), *, batch_size: int = 10,
+                    device: str = "cpu") -> WeightQuantizer:
+    """The quantizer ``settings`` names, ready to use. GPTQ collects its input-activation Hessians on a
+    class-balanced sample of ``settings.calib_images`` images of ``split`` (the training split: never val)
+    with the float model; the sample's ids and the checkpoint enter its key."""
+    if settings.name != "gptq":
+        return WeightQuantizer(settings)
+    if split.lower().startswith("val"):  # val2017, val: the images every result is evaluated on
+        raise DetrqError(f"GPTQ calibration images must come from the training split, not {split!r}")
+    from detrq.gptq import collect_input_hessians
+
+    full = eval_dataset(model, root, split)
+    image_ids = class_balanced_subset(full, settings.calib_images, settings.calib_seed)
+    batches = hessian_batches(eval_dataset(model, root, split, image_ids=image_ids), batch_size, device)
+    hessians = collect_input_hessians(model, batches, quantizable_layers(model))
+    return WeightQuantizer(settings, hessians, {"checkpoint": checkpoint_sha, "split": split,
+                                                "image_ids": image_ids, "transform": full.transform.describe()})
+
+
 def run_allocation(model: nn.Module, source: dict[str, Any] | str | Path, avg_bits: float, bits_range: range,
-                   out: str | Path, *, negative_traces: str = "keep", time_limit: float = 60.0) -> dict[str, Any]:
+                   out: str | Path, *, negative_traces: str = "keep", time_limit: float = 60.0,
+                   quantizer: WeightQuantizer = EQ6) -> dict[str, Any]:
     """The ILP bit map for one cost source and budget: a traces file (Eq. (2) for loss/out-float, Eq. (4) for
-    out-quant, the first-order cost for out-first-order) or a measured-costs file ("Measured Sen")."""
+    out-quant, the first-order cost for out-first-order) or a measured-costs file ("Measured Sen"); the costs
+    use ``quantizer``'s error."""
     if not isinstance(source, dict):
         source = read_json(source)
     if "layers" not in source:
@@ -197,18 +231,18 @@ def run_allocation(model: nn.Module, source: dict[str, Any] | str | Path, avg_bi
     weights_digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in weights.values())).hexdigest()
     key = cache_key(kind="allocation", source=source.get("cache_key"), avg_bits=float(avg_bits),
                     bits=[bits_range.start, bits_range.stop - 1], weights=weights_digest,
-                    negative_traces=negative_traces)
+                    negative_traces=negative_traces, **quantizer_key(quantizer))
     cached = load_cached(out, key)
     if cached is not None:
         return cached
-    omega = cost_table(source, weights, bits_range, negative_traces)
+    omega = cost_table(source, weights, bits_range, negative_traces, quantizer)
     bit_map = allocate_bits(omega, numel, avg_bits, time_limit=time_limit)
     result = {
         "cache_key": key, "metric": source.get("metric", "measured"), "estimator": source.get("estimator"),
-        "negative_traces": negative_traces, "avg_bits_target": avg_bits,
+        "negative_traces": negative_traces, "quantizer": quantizer.name, "avg_bits_target": avg_bits,
         "bits_range": [bits_range.start, bits_range.stop - 1], "avg_bits": average_bits(bit_map, numel),
         "objective": sum(omega[n][b] for n, b in bit_map.items()),
-        "size_bits": model_size_bits(model, bit_map), "float_size_bits": model_size_bits(model, {}),
+        "size_bits": model_size_bits(model, bit_map, quantizer), "float_size_bits": model_size_bits(model, {}),
         "bit_map": bit_map, "source_key": source.get("cache_key"),
     }
     write_json_atomic(out, result)
@@ -223,8 +257,10 @@ def detections_path(out: str | Path) -> Path:
 
 def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[str, int],
                    out: str | Path | None, *, batch_size: int = 8, device: str = "cpu", progress: bool = True,
-                   label: str | None = None, keep_detections: bool = False) -> dict[str, Any]:
-    """COCO metrics of ``model`` with ``bit_map`` applied (restored after), cached in ``out`` when given.
+                   label: str | None = None, keep_detections: bool = False, quantizer: WeightQuantizer = EQ6
+                   ) -> dict[str, Any]:
+    """COCO metrics of ``model`` with ``bit_map`` applied by ``quantizer`` (restored after), cached in ``out``
+    when given. The result holds the per-class AP and the ideal packed size (``size_bits``).
 
     With ``keep_detections`` the raw detections go to ``detections_path(out)`` (what the paired bootstrap
     resamples) and a cache hit needs that file too.
@@ -232,18 +268,19 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
     key = cache_key(kind="evaluate", checkpoint=checkpoint_sha,
                     annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
                     split=dataset.split, images=dataset.ids, batch_size=batch_size,
-                    transform=dataset.transform.describe(), bit_map=bit_map)
+                    transform=dataset.transform.describe(), bit_map=bit_map, **quantizer_key(quantizer))
     cached = load_cached(out, key) if out else None
     if cached is not None and (not keep_detections or detections_path(out).is_file()):
         return cached
-    with quantized(model, bit_map):
+    with quantized(model, bit_map, quantizer):
         metrics = evaluate(model, dataset, batch_size=batch_size, device=device, progress=progress)
     numel = {n: p.numel() for n, p in quantizable_layers(model).items()}
     result = {
         "cache_key": key, "label": label,
         "metrics": {k: v for k, v in metrics.items() if k not in ("protocol", "detections")},
         "protocol": metrics["protocol"], "checkpoint_sha256": checkpoint_sha, "bit_map": bit_map,
-        "avg_bits": average_bits(bit_map, numel) if bit_map else 32.0, "environment": environment(),
+        "avg_bits": average_bits(bit_map, numel) if bit_map else 32.0, "quantizer": quantizer.name,
+        "size_bits": model_size_bits(model, bit_map, quantizer), "environment": environment(),
     }
     if out:
         if keep_detections:
@@ -311,7 +348,8 @@ def run_all_allocations(model: nn.Module, sources: dict[str, dict[str, Any]], re
 def read_all_traces(results_dir: str | Path, checkpoint_sha: str | None = None,
                     names: Iterable[str] = METRICS, replica: int = 0) -> dict[str, dict[str, Any]]:
     """The traces files ``run_all_traces`` wrote, checked to belong to ``checkpoint_sha`` when given."""
-    traces = {n: read_json(traces_path(results_dir, n, replica)) for n in names}
+    traces = {n: check_traces(read_json(path), str(path)) for n in names
+              for path in [traces_path(results_dir, n, replica)]}
     for n, tr in traces.items():
         if checkpoint_sha is not None and tr.get("checkpoint_sha256") != checkpoint_sha:
             raise DetrqError(f"{traces_path(results_dir, n, replica).name} was computed for another checkpoint; "

@@ -159,3 +159,66 @@ def plot_figure2(data: dict[str, Any], stem: str | Path) -> list[Path]:
     axes[-1].set_xlabel("layer (model order)")
     fig.tight_layout()
     return save_figure(fig, stem)
+
+
+def _series_style(source: str, k: int) -> tuple[str, str]:
+    palette = ("tab:orange", "tab:cyan", "tab:brown", "tab:pink", "tab:olive")
+    if source == "uniform":
+        return "black", "o"
+    base = source.split("-fisher")[0].split("-ggn")[0]
+    color, marker = METRIC_STYLE.get(source, METRIC_STYLE.get(base, (palette[k % len(palette)], ".")))
+    return (palette[k % len(palette)], marker) if source != base else (color, marker)
+
+
+def plot_figure3(sweep: dict[str, Any], labels: dict[str, str], stem: str | Path) -> list[Path]:
+    """Figure 3 (beyond the paper): AP against average bits and against the ideal packed size in MB, one curve
+    per cost source (and uniform) with the full-front quantizer; the other quantizers' Measured Sen and uniform
+    points dashed."""
+    from detrq.pareto import MEASURED, QUANTIZER_NAMES, UNIFORM, front
+
+    points = sweep["points"]
+    full = sweep["settings"]["full_front"]
+    fig = Figure(figsize=(12.0, 4.8))
+    axes = fig.subplots(1, 2)
+    for ax, x_key, x_label in ((axes[0], "avg_bits", "average bits over quantized weights"),
+                               (axes[1], "size_mb", "ideal packed size (MB)")):
+        sources = list(dict.fromkeys(p["source"] for p in points))
+        for k, source in enumerate(sources):
+            color, marker = _series_style(source, k)
+            for q in sweep["quantizers"]:
+                curve = front(points, q, source)
+                if not curve or (q not in full and source not in (MEASURED, UNIFORM)):
+                    continue
+                name = "Uniform" if source == UNIFORM else labels.get(source, source)
+                ax.plot([p[x_key] for p in curve], [100 * p["AP"] for p in curve], color=color, marker=marker,
+                        ms=4, lw=1.0, ls="-" if q in full else "--",
+                        label=name if q in full else f"{name}, {QUANTIZER_NAMES.get(q, q)}")
+        ax.axhline(100 * sweep["float"]["AP"], color="gray", lw=0.8, ls=":", label="float")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("COCO AP (%)")
+    axes[0].legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_per_class(data: dict[str, Any], labels: dict[str, str], category_names: dict[str, str],
+                   stem: str | Path) -> list[Path]:
+    """Per-class AP drop against float of each scheme at one width (``pareto.per_class_losses``), classes
+    sorted by their largest drop."""
+    classes = data["classes"]
+    sources = list(data["drops"])
+    fig = Figure(figsize=(max(7.0, 0.7 * len(classes)), 4.0))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(sources))
+    for k, source in enumerate(sources):
+        color, _ = _series_style(source, k)
+        name = "Uniform" if source == "uniform" else labels.get(source, source)
+        ax.bar([i + (k - (len(sources) - 1) / 2) * width for i in range(len(classes))],
+               [100 * d for d in data["drops"][source]], width=width, color=color, label=name)
+    ax.set_xticks(range(len(classes)), [category_names.get(c, c) for c in classes], rotation=45, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("AP drop vs float (points)")
+    ax.set_title(f"per-class AP loss at {data['target']:g} average bits ({data['quantizer']})", fontsize=9)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return save_figure(fig, stem)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from detrq.errors import DetrqError
+from detrq.quantizers import EQ6, WeightQuantizer, check_bits, dequantize, rtn_codes
 from detrq.results import read_json, write_json_atomic
 
 # The paper keeps "the final FFN layers for the class and bounding box outputs" in float: the class head and
@@ -33,18 +34,6 @@ REGIONS: tuple[tuple[str, str], ...] = (("backbone", "backbone."), ("encoder", "
                                         ("decoder", "transformer.decoder."))
 OTHER_REGION = "heads/proj"
 
-# Eq. (6) has 2^(n-1) - 1 positive levels, so n = 1 leaves no level at all (0/0): 2 bits is the minimum.
-MIN_BITS = 2
-MAX_BITS = 16
-
-
-def _check_bits(bits: Any, what: str) -> int:
-    # bool is an int subclass; True as a bit width is a bug in the caller's data, not 1 bit.
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise DetrqError(f"{what}: bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    return bits
-
-
 def layer_region(name: str) -> str:
     """The model region of a layer name: backbone, encoder, decoder, or heads/proj."""
     return next((region for region, prefix in REGIONS if name.startswith(prefix)), OTHER_REGION)
@@ -56,14 +45,10 @@ def quantize_tensor(w: Tensor, bits: int) -> Tensor:
     ``Q(W) = Round[W (2^(n-1) - 1) / max|W|] * max|W| / (2^(n-1) - 1)``: the integers run from
     ``-(2^(n-1) - 1)`` to ``2^(n-1) - 1``, i.e. at most ``2^n - 1`` distinct values. ``torch.round`` rounds
     halves to even; exact ties have probability zero for trained weights, so the choice does not matter.
-    An all-zero tensor stays zero. The result is a new tensor in ``w``'s dtype and device.
+    An all-zero tensor stays zero. The result is a new tensor in ``w``'s dtype and device (computed in float32,
+    through ``quantizers.rtn_codes`` and ``quantizers.dequantize``, the formula every quantizer shares).
     """
-    _check_bits(bits, "quantize_tensor")
-    levels = 2 ** (bits - 1) - 1
-    scale = w.abs().max()
-    # A zero scale would give 0 * inf = NaN; any positive stand-in maps the all-zero tensor to zero.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(w * (levels / scale)) * (scale / levels)
+    return dequantize(rtn_codes(w, bits, per_channel=False)).to(w.dtype)
 
 
 def quantizable_layers(
@@ -96,7 +81,7 @@ def quantizable_layers(
 
 def uniform_bit_map(model: nn.Module, bits: int) -> dict[str, int]:
     """Every quantizable layer of ``model`` at ``bits`` (the uniform-quantization baseline)."""
-    _check_bits(bits, "uniform_bit_map")
+    check_bits(bits, "uniform_bit_map")
     return {name: bits for name in quantizable_layers(model)}
 
 
@@ -110,7 +95,7 @@ def validate_bit_map(bit_map: Mapping[str, Any], allowed: Mapping[str, Any] | No
     for name, bits in bit_map.items():
         if allowed is not None and name not in allowed:
             raise DetrqError(f"bit map entry {name!r} is not a quantizable layer of this model")
-        _check_bits(bits, f"bit map entry {name!r}")
+        check_bits(bits, f"bit map entry {name!r}")
     return dict(bit_map)
 
 
@@ -142,8 +127,10 @@ class QuantizedWeights:
                 p.copy_(self.originals[name])
 
 
-def apply_bit_map(model: nn.Module, bit_map: Mapping[str, int]) -> QuantizedWeights:
-    """Quantize ``model``'s weights in place with Eq. (6) at each layer's bits; return the restore handle.
+def apply_bit_map(model: nn.Module, bit_map: Mapping[str, int], quantizer: WeightQuantizer = EQ6
+                  ) -> QuantizedWeights:
+    """Quantize ``model``'s weights in place at each layer's bits with ``quantizer`` (default Eq. (6)); return
+    the restore handle.
 
     Names may be any parameter of ``model`` (applying is mechanical; which layers *should* be quantized is
     ``quantizable_layers``' policy), so ablations such as quantizing the heads remain possible.
@@ -153,38 +140,42 @@ def apply_bit_map(model: nn.Module, bit_map: Mapping[str, int]) -> QuantizedWeig
     handle = QuantizedWeights({n: params[n] for n in bit_map}, {n: params[n].detach().clone() for n in bit_map})
     with torch.no_grad():
         for name, bits in bit_map.items():
-            params[name].copy_(quantize_tensor(params[name], bits))
+            params[name].copy_(quantizer.quantize(name, params[name], bits))
     return handle
 
 
 @contextmanager
-def quantized(model: nn.Module, bit_map: Mapping[str, int]) -> Iterator[nn.Module]:
+def quantized(model: nn.Module, bit_map: Mapping[str, int], quantizer: WeightQuantizer = EQ6
+              ) -> Iterator[nn.Module]:
     """``with quantized(model, bit_map): ...`` runs the block on the quantized model, then restores it exactly."""
-    handle = apply_bit_map(model, bit_map)
+    handle = apply_bit_map(model, bit_map, quantizer)
     try:
         yield model
     finally:
         handle.restore()
 
 
-def quantize_model_copy(model: nn.Module, bit_map: Mapping[str, int]) -> nn.Module:
+def quantize_model_copy(model: nn.Module, bit_map: Mapping[str, int], quantizer: WeightQuantizer = EQ6
+                        ) -> nn.Module:
     """A deep copy of ``model`` with ``bit_map`` applied; ``model`` itself is untouched."""
     qmodel = copy.deepcopy(model)
-    apply_bit_map(qmodel, bit_map)
+    apply_bit_map(qmodel, bit_map, quantizer)
     return qmodel
 
 
-def model_size_bits(model: nn.Module, bit_map: Mapping[str, int]) -> int:
-    """Storage of ``model`` under ``bit_map``, in bits.
+def model_size_bits(model: nn.Module, bit_map: Mapping[str, int], quantizer: WeightQuantizer = EQ6) -> int:
+    """Storage of ``model`` under ``bit_map``, in bits: the ideal size of its packed checkpoint (``packing.py``).
 
-    Each quantized weight costs its bits plus one 32-bit float scale per quantized tensor (``max|W|``); every
-    other parameter and buffer element costs 32 bits. ``model_size_bits(model, {})`` is the float size.
+    Each quantized weight costs its bits plus its 32-bit float scales (one per tensor for Eq. (6), one per output
+    channel for the per-channel quantizers); every other parameter and buffer element costs 32 bits.
+    ``model_size_bits(model, {})`` is the float size.
     """
     params = dict(model.named_parameters())
     bit_map = validate_bit_map(bit_map, params)
     total = 0
     for name, p in params.items():
-        total += p.numel() * bit_map[name] + 32 if name in bit_map else p.numel() * 32
+        total += (p.numel() * bit_map[name] + 32 * quantizer.scale_count(p) if name in bit_map
+                  else p.numel() * 32)
     return total + sum(b.numel() * 32 for b in model.buffers())
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from detrq.results import read_json
 from detrq.sensitivity_check import rho_lookup
+from detrq.pareto import table2_markdown
 from detrq.table1 import claims_markdown, table1_markdown
 
 
@@ -104,6 +105,19 @@ def convergence_markdown(check: dict[str, Any]) -> str:
         f"seeds and the ILP objectives lie within {check['max_objective_spread']:.0%}.\n"
 
 
+def table2_section(table: dict[str, Any]) -> str:
+    """Table 2 and the moonshot's verdict (within 1 AP point of float at 4 average bits)."""
+    shot = table["moonshot"]
+    text = table2_markdown(table)
+    if shot["best"] is not None:
+        best = shot["best"]
+        verdict = "holds" if shot["holds"] else "does not hold"
+        text += (f"\nMoonshot (a 4-bit row within 1 AP point of float): **{verdict}**"
+                 f"; the best 4-bit row is {best['quantizer']} with {best['source']}, {shot['gap_points']:.1f} points "
+                 "below float.\n")
+    return text
+
+
 def _section(results: Path, name: str, render: Callable[[Any], str]) -> str:
     path = results / name
     return render(read_json(path)) if path.is_file() else _missing(name)
@@ -122,6 +136,7 @@ def sections(results_dir: str | Path) -> dict[str, str]:
         "sensitivity": _section(results, "sensitivity_check.json", sensitivity_markdown),
         "convergence": _section(results, "seed_stability.json", convergence_markdown),
         "quant-curve": _section(results, "quant_curve.json", quant_curve_markdown),
+        "table2": _section(results, "table2.json", table2_section),
         "runtime": runtime_markdown(runtimes) if runtimes else _missing("runtime_default.json"),
         "reproduction": _section(results, "reproduction_accepted.json", reproduction_markdown),
         "int8": int8_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),

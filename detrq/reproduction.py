@@ -94,6 +94,29 @@ def compare_table1(committed: dict, regenerated: dict | None, tol: Tolerances) -
     return lines
 
 
+def compare_table2(committed: dict, regenerated: dict | None, tol: Tolerances) -> list[dict]:
+    """Table 2 (notebook 07): every row's AP (points, stored as a fraction) and average bits, as Table 1's."""
+    def key(r: dict) -> tuple[str, str, str]:
+        return r["precision"], r["quantizer"], r["source"]
+
+    new = {key(r): r for r in (regenerated or {}).get("rows", [])}
+    lines = []
+    for row in committed["rows"]:
+        name = f"Table 2 {' '.join(key(row))}"
+        other = new.get(key(row))
+        for field, scale, limit in (("AP", 100.0, tol.ap_points), ("avg_bits", 1.0, tol.avg_bits)):
+            old = scale * row[field]
+            if regenerated is None:
+                lines.append(_line(f"{name} {field}", old, None, NOT_RUN))
+            elif other is None:
+                lines.append(_line(f"{name} {field}", old, None, DIFFERS, "row missing from the run"))
+            else:
+                now = scale * other[field]
+                lines.append(_line(f"{name} {field}", old, now, _number_verdict(old, now, abs(old - now) <= limit),
+                                   f"|diff| <= {limit:g}"))
+    return lines
+
+
 def _layer_numel(results: Path) -> dict[str, int]:
     """Weights per layer, from any traces file (bit maps store bits only)."""
     for path in sorted(results.glob("traces_*.json")):
@@ -244,7 +267,8 @@ def reused_files(run_results: Path) -> list[str]:
     if not started.is_file():
         return sorted(p.name for p in run_results.glob("*.json"))
     t0 = started.stat().st_mtime
-    return sorted(p.name for p in run_results.glob("*") if p.is_file() and p.stat().st_mtime < t0)
+    return sorted(str(p.relative_to(run_results)) for p in run_results.rglob("*")
+                  if p.is_file() and p.stat().st_mtime < t0)
 
 
 def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
@@ -259,6 +283,7 @@ def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
     lines += _compare_file(committed_dir, default, "table1.json", lambda a, b: compare_table1(a, b, tol))
     lines += compare_bitmaps(committed_dir, default, tol)
     lines += compare_traces(committed_dir, default, tol)
+    lines += _compare_file(committed_dir, default, "table2.json", lambda a, b: compare_table2(a, b, tol))
     lines += _compare_file(committed_dir, default, "claims.json", compare_claims)
     lines += _compare_file(committed_dir, default, "quant_curve.json", lambda a, b: compare_curve(a, b, tol))
     lines += _compare_file(committed_dir, default, "sensitivity_check.json",
@@ -373,7 +398,12 @@ def start_run(run_dir: str | Path, reuse: bool, seed_from: str | Path | None = N
     seeded = []
     if reuse and seed_from is not None and not any(results.iterdir()):
         for src in sorted(Path(seed_from).iterdir()):
-            if src.is_file() and not src.name.startswith(KEEP_PREFIXES):
+            if src.name.startswith(KEEP_PREFIXES):
+                continue
+            if src.is_dir():
+                shutil.copytree(src, results / src.name)
+                seeded.append(f"{src.name}/")
+            elif src.is_file():
                 shutil.copy2(src, results / src.name)
                 seeded.append(src.name)
     (run_dir / REPORT_NAME).unlink(missing_ok=True)
@@ -405,10 +435,16 @@ def accept_runs(runs: dict[str, str | Path], results_dir: str | Path, figures_di
                 continue
             owned = (lambda n: n.startswith(parts[run])) if parts[run] else (lambda n: not n.startswith(others))
             for old in dest.glob("*"):
-                if old.is_file() and owned(old.name) and not old.name.startswith(KEEP_PREFIXES):
-                    old.unlink()
+                if owned(old.name) and not old.name.startswith(KEEP_PREFIXES):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
             for src in sorted(src_dir.glob("*")):
-                if src.is_file() and owned(src.name):
+                if not owned(src.name):
+                    continue
+                # A folder of cached steps (results/pareto/) moves whole, so that re-rendering hits the cache.
+                if src.is_dir():
+                    shutil.copytree(src, dest / src.name)
+                    copied.extend(f"{sub}/{p.relative_to(src_dir)}" for p in sorted(src.rglob("*")) if p.is_file())
+                elif src.is_file():
                     shutil.copy2(src, dest / src.name)
                     copied.append(f"{sub}/{src.name}")
     return copied

@@ -42,6 +42,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+def write_table_files(results_dir: str | os.PathLike, stem: str, table: Any, texts: dict[str, str]) -> None:
+    """A table as ``stem.json`` plus one text rendering per suffix (``{"csv": ..., "md": ...}``), each atomic."""
+    results_dir = Path(results_dir)
+    write_json_atomic(results_dir / f"{stem}.json", table)
+    for suffix, text in texts.items():
+        with atomic_output(results_dir / f"{stem}.{suffix}") as tmp:
+            tmp.write_text(text)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, turning a missing file or corrupt JSON into one clear ``DetrqError``."""
     path = Path(path)

@@ -24,7 +24,7 @@ from detrq.errors import DetrqError
 from detrq.models.detr import DETR
 from detrq.pipeline import detections_path, run_evaluation
 from detrq.quant import uniform_bit_map
-from detrq.results import atomic_output, write_json_atomic
+from detrq.results import write_json_atomic, write_table_files
 
 # Table 1 of Huang, Yang et al., "Output Sensitivity-Aware DETR Quantization" (AAAI, 2023):
 # COCO 2017 val mAP (%) of the official DETR-R50 under weight-only PTQ. Keys are (precision, scheme).
@@ -275,11 +275,7 @@ def table1_markdown(table: dict[str, Any]) -> str:
 
 def write_table1(table: dict[str, Any], results_dir: str | Path) -> None:
     """``table1.json``, ``table1.csv`` and ``table1.md`` in ``results_dir``, each written atomically."""
-    results_dir = Path(results_dir)
-    write_json_atomic(results_dir / "table1.json", table)
-    for name, text in (("table1.csv", table1_csv(table)), ("table1.md", table1_markdown(table))):
-        with atomic_output(results_dir / name) as tmp:
-            tmp.write_text(text)
+    write_table_files(results_dir, "table1", table, {"csv": table1_csv(table), "md": table1_markdown(table)})
 
 
 class Claim(NamedTuple):

@@ -38,7 +38,8 @@ from detrq.distill import distillation_terms
 from detrq.errors import DetrqError
 from detrq.evaluate import coco_ap, evaluate, outputs_to_detections
 from detrq.models.detr import DETR
-from detrq.quant import MAX_BITS, MIN_BITS, quantizable_layers, quantized, uniform_bit_map
+from detrq.quant import quantizable_layers, quantized, uniform_bit_map
+from detrq.quantizers import EQ6, MAX_BITS, MIN_BITS, WeightQuantizer
 from detrq.results import environment, sha256_file, write_json_atomic
 
 # Where a quantized layer sits decides which cached stage its scan starts from. A layer under none of these
@@ -53,6 +54,11 @@ COST_KEYS = ("rise", "kl", "l1")
 AP_KEYS = ("ap", "ap_drop")
 # Where the pipeline keeps the measured costs at a float reference (Measured Sen, notebook 05) in a results dir.
 MEASURED_FILE = "measured_costs.json"
+
+
+def measured_file(quantizer: str) -> str:
+    """The measured costs' file name for a quantizer: Eq. (6)'s is ``MEASURED_FILE`` (Table 1's Measured Sen)."""
+    return MEASURED_FILE if quantizer == "eq6" else f"measured_costs_{quantizer}.json"
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
 Stage = tuple[Tensor, Tensor, Tensor]  # (feat, mask, pos) from DETR.features or (memory, mask, pos) from encode
@@ -149,16 +155,17 @@ def _weighted_terms(model: DETR, cached: Sequence[_Cached], teacher: Sequence[Ma
 
 @torch.no_grad()
 def measure_layer_costs(model: DETR, batches: Sequence[Batch], settings: MeasureSettings = MeasureSettings(), *,
-                        layers: Iterable[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                        layers: Iterable[str] | None = None, quantizer: WeightQuantizer = EQ6,
+                        progress: bool = False) -> dict[str, Any]:
     """The measured Eq. (5) cost of quantizing each layer alone, at each of ``settings.bits``.
 
     ``batches`` are ``(images, targets)`` as ``pipeline.hessian_batches`` gives (the targets are not used).
     The teacher is the float model (eval mode, no grad), run once. For layer l and width b the student has l at
-    ``Q_b`` (Eq. (6), from its float weights) and every other quantizable layer at the reference point: float
-    (``settings.reference_bits`` None) or ``Q_reference_bits``. The loss is Eq. (5) (``distillation_terms``:
-    T = 6, lambda_kl = 0.05, summed over the decoder outputs), averaged over batches with weight = images per
-    batch, as detrq's Hessian objective weighs them. The network runs in float32 and the loss of its outputs is
-    taken in float64 (``as_double``).
+    ``Q_b`` (``quantizer``'s, Eq. (6) by default, from its float weights) and every other quantizable layer at the
+    reference point: float (``settings.reference_bits`` None) or ``Q_reference_bits``. The loss is Eq. (5)
+    (``distillation_terms``: T = 6, lambda_kl = 0.05, summed over the decoder outputs), averaged over batches with
+    weight = images per batch, as detrq's Hessian objective weighs them. The network runs in float32 and the loss
+    of its outputs is taken in float64 (``as_double``).
 
     Returns ``{"reference_loss": float, "reference_terms": {"kl", "l1"}, "layers": {name: {b: {"rise", "kl",
     "l1"}}}}``, where ``rise`` is the loss minus the reference point's loss and ``kl``/``l1`` are the rises of
@@ -177,7 +184,7 @@ def measure_layer_costs(model: DETR, batches: Sequence[Batch], settings: Measure
         float_cache = [_Cached.of(model, images) for images, _ in batches]
         teacher = [as_double(c.outputs(model, None)) for c in float_cache]
         if reference:
-            with quantized(model, reference):
+            with quantized(model, reference, quantizer):
                 cache = [_Cached.of(model, images) for images, _ in batches]
                 ref = _weighted_terms(model, cache, teacher, weights, None)
         else:
@@ -189,7 +196,7 @@ def measure_layer_costs(model: DETR, batches: Sequence[Batch], settings: Measure
             costs[name] = {}
             for b in settings.bits:
                 # Q_b of the float weights on top of the reference map; quantized() restores every tensor.
-                with quantized(model, {**reference, name: b}):
+                with quantized(model, {**reference, name: b}, quantizer):
                     got = _weighted_terms(model, cache, teacher, weights, name)
                 costs[name][b] = {"rise": got["loss"] - ref["loss"], "kl": got["kl"] - ref["kl"],
                                   "l1": got["l1"] - ref["l1"]}
@@ -313,9 +320,12 @@ def _str_keys(table: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[str, Any
 
 def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split: str, out: str | Path, *,
                        image_ids: Sequence[int], settings: MeasureSettings = MeasureSettings(),
-                       eval_split: str = "val", device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+                       eval_split: str = "val", quantizer: WeightQuantizer = EQ6, device: str = "cpu",
+                       progress: bool = True) -> dict[str, Any]:
     """Measured per-layer costs on the Hessian images ``image_ids`` of ``split`` (and, when
     ``settings.ap_bits`` is non-empty, the val AP scan on all of ``eval_split``); writes and returns the JSON.
+    Layers are quantized with ``quantizer``: a quantizer other than Eq. (6) is named in the file's settings
+    (``costs.cost_table`` checks it) and its key enters the cache key. The AP scan is Eq. (6)'s.
 
     Cached like ``pipeline.run_traces``: the file at ``out`` is returned as is when its ``cache_key`` (checkpoint,
     split, image ids, settings, transform, layers, and the eval split's annotations for the AP scan) matches.
@@ -336,9 +346,14 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
         "annotations": sha256_file(eval_set.root / "annotations" / f"instances_{eval_split}.json")}
     # As JSON holds them (tuples become lists), so that a fresh result equals the file a cache hit returns.
     settings_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+    # Eq. (6) stays out of the key and the file, so that the measured costs made before quantizers existed
+    # keep their keys.
+    extra = {} if quantizer.name == "eq6" else {"quantizer": quantizer.key}
+    if extra:
+        settings_dict["quantizer"] = quantizer.name
     key = cache_key(kind="measured_costs", checkpoint=checkpoint_sha, split=split, image_ids=image_ids,
                     settings=settings_dict, transform=subset.transform.describe(), layers=layer_names,
-                    eval=eval_part)
+                    eval=eval_part, **extra)
     cached = load_cached(out, key)
     if cached is not None:
         return cached
@@ -347,7 +362,7 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
     batches = hessian_batches(subset, settings.batch_size, device)
     seconds["load_images"] = time.perf_counter() - start
     t = time.perf_counter()
-    costs = measure_layer_costs(model, batches, settings, progress=progress)
+    costs = measure_layer_costs(model, batches, settings, quantizer=quantizer, progress=progress)
     seconds["layer_costs"] = time.perf_counter() - t
     ap = None
     if eval_set is not None:

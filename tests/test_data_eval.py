@@ -289,8 +289,10 @@ def test_errors(root: Path, tmp_path: Path) -> None:
     with pytest.raises(DetrqError, match=r"image directory not found: .*val"):
         CocoDetection(no_images, "val", transform)
 
-    (root / "val" / "000002.png").unlink()
     ds = CocoDetection(root, "val", transform)
+    (root / "val" / "000002.png").unlink()  # gone after the dataset was checked: found where it is read
     ds[0]
     with pytest.raises(DetrqError, match=r"image file not found: .*000002\.png \(image_id 2\)"):
         ds[1]
+    with pytest.raises(DetrqError, match=r"image file not found: 1x, e\.g\. image 2: 000002\.png"):
+        CocoDetection(root, "val", transform)  # checked before use

@@ -1,9 +1,12 @@
-"""One writer per results folder: a second writer stops with one line naming the holder, or waits."""
+"""One writer per results folder: a second writer stops with one line naming the holder, or waits; an
+interrupted run keeps the committed files and resumes."""
 
+import json
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +82,81 @@ def test_a_second_reproduce_run_names_the_first_and_stops():
         sleeper.kill()
         sleeper.wait()
         lock.unlink(missing_ok=True)
+
+
+HOLD_UNTIL_STDIN = ("import sys\nfrom detrq.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+                    "    print('held', flush=True)\n    sys.stdin.readline()\n")
+
+
+def test_a_second_cli_writer_with_wait_waits_for_the_holder_then_writes(tmp_path):
+    from detrq.models.detr import build_detr
+    from detrq.paths import PROJECT_ROOT
+    from detrq.quant import quantizable_layers
+    from test_bad_inputs import traces_file
+
+    folder = tmp_path / "results"
+    traces = tmp_path / "traces.json"
+    traces.write_text(json.dumps(traces_file(quantizable_layers(build_detr("mini")))))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_STDIN, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        writer = subprocess.Popen([sys.executable, "-m", "detrq", "--wait", "allocate", "--traces", str(traces),
+                                   "--checkpoint", str(PROJECT_ROOT / "checkpoints" / "detr_mini.pth"),
+                                   "--avg-bits", "5", "--out", str(folder / "bitmap.json")],
+                                  stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = writer.stderr.readline()  # the writer says whom it waits for, and blocks
+        assert line.startswith(f"waiting for pid {holder.pid} ") and str(folder) in line, line
+        time.sleep(0.5)
+        assert writer.poll() is None and not (folder / "bitmap.json").exists()
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=30) == 0
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+        assert (folder / "bitmap.json").is_file()
+    finally:
+        for p in (holder, locals().get("writer")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_ctrl_c_in_a_notebook_keeps_committed_files_and_the_run_resumes(tmp_path, monkeypatch):
+    """An interrupted run leaves the committed notebooks (and results, README: a run writes only runs/<run>/) as
+    they were; started again it resumes: the steps it finished are kept."""
+    import nbformat
+    import papermill
+
+    import detrq.notebooks as nb
+    from detrq import reproduction as rp
+
+    committed = tmp_path / "notebooks"
+    committed.mkdir()
+    for name in ("01_a", "02_b"):
+        cell = nbformat.v4.new_code_cell("print('committed')")
+        nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(committed / f"{name}.ipynb"))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table1.json").write_text('{"committed": true}')
+    (tmp_path / "README.md").write_text("committed README\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    run = tmp_path / "runs" / "default"
+    assert rp.start_run(run, reuse=False).mode == "fresh"
+
+    def execute(source, output, **kwargs):
+        if source.endswith("02_b.ipynb"):
+            Path(output).write_text("partial")  # a half-written executed copy ...
+            raise KeyboardInterrupt  # ... when Ctrl-C arrives
+        (run / "results").mkdir(exist_ok=True)
+        (run / "results" / "step_a.json").write_text("{}")
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('run')")]), output)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(nb, "declared_parameters", lambda names, notebook_dir: {n: set() for n in names})
+    with pytest.raises(KeyboardInterrupt):
+        nb.run_notebooks({}, run / "notebooks", names=("01_a", "02_b"), notebook_dir=committed, log=lambda s: None)
+    assert {p: p.read_bytes() for p in before} == before  # committed notebooks, results and README untouched
+    assert (run / "notebooks" / "01_a.ipynb").is_file() and not (run / "notebooks" / "02_b.ipynb").exists()
+    start = rp.start_run(run, reuse=False)  # ./reproduce.sh again
+    assert start.mode == "resumed" and (run / "results" / "step_a.json").is_file()

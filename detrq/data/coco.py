@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from detrq.data.validate import DataReport, check_coco
 from detrq.errors import DetrqError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,30 +151,24 @@ class TrainTransform:
         }
 
 
-def load_coco(annotation_file: str | Path) -> COCO:
-    """Load a COCO instances JSON into a pycocotools ``COCO``, with clear errors and no prints."""
-    path = Path(annotation_file)
-    if not path.is_file():
-        siblings = sorted(p.name for p in path.parent.glob("instances_*.json")) if path.parent.is_dir() else []
-        hint = f"available: {', '.join(siblings)}" if siblings else "check the dataset root and split name"
-        raise DetrqError(f"annotation file not found: {path}; {hint}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DetrqError(
-            f"corrupt JSON in annotation file {path}: {e.msg} at line {e.lineno} column {e.colno}; "
-            "re-download or regenerate it"
-        ) from None
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise DetrqError(f"{path} is not a COCO instances file (missing {missing}); pass an instances_<split>.json")
+def load_coco_checked(annotation_file: str | Path, image_dir: str | Path | None = None, *,
+                      num_classes: int | None = None) -> tuple[COCO, DataReport]:
+    """``load_coco`` and the validator's report (``data.validate``): hard problems raise one ``DetrqError``
+    line, soft ones are printed once as ``warning:`` lines; ``image_dir`` also checks the image files."""
+    data, report = check_coco(annotation_file, image_dir, num_classes=num_classes)
     coco = COCO()
     coco.dataset = data
     # createIndex prints progress lines; keep stdout clean for notebooks and nbval.
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    return coco
+    return coco, report
+
+
+def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None, *,
+              num_classes: int | None = None) -> COCO:
+    """Load a COCO instances JSON into a pycocotools ``COCO``, validated (see ``load_coco_checked``), no prints
+    on stdout."""
+    return load_coco_checked(annotation_file, image_dir, num_classes=num_classes)[0]
 
 
 def _kept_annotations(coco: COCO, image_id: int) -> tuple[Tensor, Tensor]:
@@ -195,7 +189,9 @@ def _kept_annotations(coco: COCO, image_id: int) -> tuple[Tensor, Tensor]:
 class CocoDetection(torch.utils.data.Dataset):
     """Images and DETR targets from a COCO-layout split.
 
-    ``image_ids`` restricts to those images in the given order; ``max_images`` keeps the first ones.
+    ``image_ids`` restricts to those images in the given order; ``max_images`` keeps the first ones. The
+    annotation file and the images are validated first (``data.validate``; ``num_classes`` also checks the
+    category ids against a model's classes), and ``data_report`` keeps the soft problems found.
     By default every image in the annotation file is used, sorted by id, as official DETR (images
     without annotations included, since COCO evaluation counts them).
     """
@@ -208,6 +204,7 @@ class CocoDetection(torch.utils.data.Dataset):
         *,
         image_ids: Sequence[int] | None = None,
         max_images: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -216,9 +213,11 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DetrqError(
                 f"COCO root not found: {self.root}; pass the directory holding annotations/ and {split}/"
             )
-        self.coco = load_coco(self.root / "annotations" / f"instances_{split}.json")
         self.image_dir = self.root / split
-        if not self.image_dir.is_dir():
+        image_dir = self.image_dir if self.image_dir.is_dir() else None
+        self.coco, self.data_report = load_coco_checked(self.root / "annotations" / f"instances_{split}.json",
+                                                        image_dir, num_classes=num_classes)
+        if image_dir is None:
             raise DetrqError(f"image directory not found: {self.image_dir}; put the {split} images there")
         if image_ids is None:
             ids = sorted(self.coco.imgs)
@@ -252,6 +251,8 @@ class CocoDetection(torch.utils.data.Dataset):
             ) from None
         except UnidentifiedImageError:
             raise DetrqError(f"unreadable image file: {path} (image_id {image_id}); replace the file") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt data
+            raise DetrqError(f"corrupt image file: {path} (image_id {image_id}): {e}; replace the file") from None
         boxes, labels = _kept_annotations(self.coco, image_id)
         w, h = image.size
         target = {

@@ -5,12 +5,12 @@ from detrq.hessian.estimates import TraceEstimate, rel_stderr, total_trace
 from detrq.hessian.estimators import Objective, layer_traces
 from detrq.hessian.first_order import jacobian_row_norm_sums
 from detrq.hessian.objectives import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, check_metric,
-                                      ggn_approximates, sensitivity_objective, tracing)
+                                      approximates, sensitivity_objective, tracing)
 from detrq.hessian.metrics import distillation_term_traces, first_order_sensitivity, sensitivity
 from detrq.hessian.settings import BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS, TraceSettings
 
 __all__ = ["ALL_METRICS", "BLOCKS", "ESTIMATORS", "FIRST_ORDER", "JACOBIAN_ESTIMATORS", "METRICS", "METRIC_NAMES",
            "Objective", "TraceEstimate", "TraceSettings", "check_metric", "distillation_term_traces",
-           "first_order_sensitivity", "ggn_approximates", "jacobian_row_norm_sums", "layer_traces", "rel_stderr",
+           "first_order_sensitivity", "approximates", "jacobian_row_norm_sums", "layer_traces", "rel_stderr",
            "sensitivity",
            "sensitivity_objective", "total_trace", "tracing"]

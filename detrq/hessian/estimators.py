@@ -1,4 +1,5 @@
-"""Per-layer trace estimators behind one setting (``TraceSettings.estimator``): hutchinson, blockwise, ggn.
+"""Per-layer trace estimators behind one setting (``TraceSettings.estimator``): hutchinson, blockwise, ggn, and
+the empirical Fisher.
 
 All three share one probing loop (``_probe``): each pass draws ``probes_per_pass`` probes from a
 ``torch.Generator`` seeded with ``settings.seed``, rebuilds each item's graph once and reuses it for all probes
@@ -14,6 +15,10 @@ per-probe samples, so that every trace has a standard error.
 * ``ggn``: the generalized Gauss-Newton trace ``Tr(J_l' H_out J_l)``, for objectives that supply an
   output-space factor ``S`` with ``S S' = H_out``: with ``u ~ N(0, I)`` and ``s = S u``, the squared norm of
   layer l's part of ``J' s`` is a non-negative, unbiased sample of it. One backward per probe, no double backward.
+* ``fisher`` (beyond the paper; the authors' follow-up uses it): the trace of the empirical Fisher
+  ``1/N sum_i g_i g_i'`` with ``g_i`` the gradient of image i's loss, i.e. the mean of ``||g_{i,l}||^2`` over the
+  images. Each item must be one image (``metrics.sensitivity`` splits the batches); its samples are per image,
+  so its standard error is over images, and no probe or seed enters it.
 """
 
 from __future__ import annotations
@@ -165,6 +170,24 @@ def probe_loop(draw: Callable[[int, torch.Generator], Tensor], names: list[str],
     return estimates
 
 
+def _fisher(objective: Objective, names: list[str], tensors: list[Tensor], numel: list[int], *,
+            progress: bool = False) -> dict[str, TraceEstimate]:
+    """Per-image squared gradient norms of every layer: the empirical Fisher's samples (equal item shares)."""
+    if len(set(objective.shares)) > 1:
+        raise DetrqError("the empirical Fisher needs one image per item with equal weights")
+    items = objective.items
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="fisher (per image)", unit="image")
+    samples: list[list[float]] = [[] for _ in names]
+    for item in items:
+        grads = torch.autograd.grad(objective.loss(item), tensors, allow_unused=True)
+        for i, g in enumerate(grads):
+            samples[i].append(0.0 if g is None else g.double().pow(2).sum().item())
+    return {n: TraceEstimate.from_samples(s, k) for n, s, k in zip(names, samples, numel)}
+
+
 def layer_traces(objective: Objective, params: Mapping[str, Tensor], settings: TraceSettings = TraceSettings(),
                  *, progress: bool = False) -> dict[str, TraceEstimate]:
     """Per-layer traces of ``objective``'s Hessian diagonal blocks (or of its GGN), one block per tensor in
@@ -174,6 +197,8 @@ def layer_traces(objective: Objective, params: Mapping[str, Tensor], settings: T
     """
     names, tensors = _check_params(params)
     numel = [t.numel() for t in tensors]
+    if settings.estimator == "fisher":
+        return _fisher(objective, names, tensors, numel, progress=progress)
     if settings.estimator == "ggn":
         if objective.ggn_factor is None or objective.outputs is None:
             raise DetrqError("this objective has no generalized Gauss-Newton form; use estimator hutchinson or "

@@ -8,7 +8,6 @@ splits Eq. (5)'s curvature into its L1 and KL terms (footnote 1's check).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,6 +38,8 @@ def sensitivity(model: nn.Module, batches: Batches, metric: str, settings: Trace
     """
     check_metric(metric, METRICS)
     batches = list(batches)
+    if settings.estimator == "fisher":
+        batches = per_image(batches)
     names = list(quantizable_layers(model)) if layers is None else list(layers)
     # The student is the uniformly quantized model, whichever layers are traced.
     student_bits = uniform_bit_map(model, quant_bits) if metric == "out-quant" else {}
@@ -47,6 +48,11 @@ def sensitivity(model: nn.Module, batches: Batches, metric: str, settings: Trace
                                           criterion=criterion)
         with quantized(model, student_bits):
             return layer_traces(objective, params, settings, progress=progress)
+
+
+def per_image(batches: Batches) -> list[tuple[list[Tensor], list[dict]]]:
+    """The same images as one-image batches (the empirical Fisher needs each image's own gradient)."""
+    return [([image], [target]) for images, targets in batches for image, target in zip(images, targets)]
 
 
 def first_order_sensitivity(model: nn.Module, batches: Batches, settings: TraceSettings = TraceSettings(), *,

@@ -38,10 +38,11 @@ METRIC_NAMES: dict[str, str] = {"loss": "Loss Sen", "out-float": "Out Sen Float"
                                 FIRST_ORDER: "Out Sen First-Order (beyond the paper)"}
 
 
-def ggn_approximates(metric: str, estimator: str) -> bool:
+def approximates(metric: str, estimator: str) -> bool:
     """True when ``estimator`` estimates an approximation of ``metric``'s Hessian: the GGN away from float
-    weights (Loss Sen, Out Sen Quant). At float weights (Out Sen Float, the first-order KL term) it is exact."""
-    return estimator == "ggn" and metric in ("loss", "out-quant")
+    weights (Loss Sen, Out Sen Quant; at float weights, Out Sen Float and the first-order KL term, it is exact),
+    and the empirical Fisher everywhere."""
+    return (estimator == "ggn" and metric in ("loss", "out-quant")) or estimator == "fisher"
 
 
 def check_metric(metric: str, allowed: tuple[str, ...] = ALL_METRICS) -> str:

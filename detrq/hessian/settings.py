@@ -14,7 +14,8 @@ from detrq.errors import DetrqError
 # hutchinson: one Rademacher probe over all layers, one HVP per probe (the paper's estimator, via HAWQ).
 # blockwise: Rademacher probes non-zero on one block of layers at a time: no cross-block variance.
 # ggn: generalized Gauss-Newton trace from output-space probes, one backward per probe, samples >= 0.
-ESTIMATORS: tuple[str, ...] = ("hutchinson", "blockwise", "ggn")
+# fisher: the empirical Fisher's trace, the mean squared per-image gradient: one backward per image, no probes.
+ESTIMATORS: tuple[str, ...] = ("hutchinson", "blockwise", "ggn", "fisher")
 # Blocks of the blockwise estimator: every layer alone, or the layers of one model region together.
 BLOCKS: tuple[str, ...] = ("layer", "region")
 # Estimators of the first-order term's Jacobian row-norm sum (see hessian.first_order).
