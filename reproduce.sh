@@ -3,7 +3,7 @@
 #   ./reproduce.sh [--reuse]          the embedded default (mini DETR, synthetic data, CPU), computed into runs/default/
 #   ./reproduce.sh int8 [--reuse]     the INT8 Faster R-CNN workflow (notebook 06), computed into runs/int8/
 #   ./reproduce.sh accept             make the compared runs/ the committed results/, figures/ and notebooks/
-#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda]   the paper's setting, into runs/full/
+#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda] [--nproc N]   the paper's setting, into runs/full/
 #   ./reproduce.sh test               pytest, then nbval on the committed notebooks
 # Each sets up .venv with the pinned dependencies first when it is missing or out of date. A run never writes the
 # committed results: it computes everything into its run directory and ends with the reproduction report
@@ -19,8 +19,10 @@ usage: ./reproduce.sh [--reuse]        run the embedded default from scratch int
                                        then compare it with the committed results
        ./reproduce.sh accept           replace the committed results/, figures/, notebooks/ and README numbers
                                        with the runs in runs/ (after reading their report)
-       ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu]
-                                       run the paper's setting on COCO 2017 (GPU) into runs/full/
+       ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu] [--nproc N]
+                                       run the paper's setting on COCO 2017 (GPU) into runs/full/; with
+                                       --nproc N the traces and Table 1's evaluations run as N torchrun
+                                       ranks (one GPU each)
        ./reproduce.sh test             run the tests, then nbval on the committed notebooks
 --reuse keeps the run directory's cached results (a copy of the committed ones when it has none) and
 re-renders from them; the report then says the results were reused, not reproduced.
@@ -137,9 +139,10 @@ run_accept() {
 }
 
 run_full() {
-  local coco="" checkpoint="" device="cuda"
+  local coco="" checkpoint="" device="cuda" nproc=1
   while [ $# -gt 0 ]; do
     case "$1" in
+      --nproc) [ $# -ge 2 ] || die_usage "--nproc needs a number of processes"; nproc="$2"; shift 2 ;;
       --coco) [ $# -ge 2 ] || die_usage "--coco needs a directory"; coco="$2"; shift 2 ;;
       --checkpoint) [ $# -ge 2 ] || die_usage "--checkpoint needs a file"; checkpoint="$2"; shift 2 ;;
       --device) [ $# -ge 2 ] || die_usage "--device needs cuda or cpu"; device="$2"; shift 2 ;;
@@ -151,11 +154,13 @@ run_full() {
   [ -d "$coco" ] || die_usage "COCO directory not found: $coco"
   [ -f "$checkpoint" ] || die_usage "checkpoint not found: $checkpoint"
   case "$device" in cuda|cpu|cuda:*) ;; *) die_usage "--device must be cuda or cpu, got '$device'" ;; esac
+  [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die_usage "--nproc must be a whole number >= 1, got '$nproc'"
   acquire_run_lock
   setup_venv
   # Absolute paths: the notebooks resolve relative ones against the repository root, not this shell's cwd.
   local paths=(--set "coco_root=$(cd "$coco" && pwd)"
-    --set "checkpoint=$(cd "$(dirname "$checkpoint")" && pwd)/$(basename "$checkpoint")" --set "device=$device")
+    --set "checkpoint=$(cd "$(dirname "$checkpoint")" && pwd)/$(basename "$checkpoint")" --set "device=$device"
+    --set "nproc=$nproc")
   # shellcheck disable=SC2046
   step "notebooks 01-04" .venv/bin/python -m detrq notebooks --params params/full.yaml "${paths[@]}" \
     $(in_run full) --only $PAPER_NOTEBOOKS

@@ -3,6 +3,10 @@
 Commands: make-data, check-data, train, evaluate, traces, allocate, curve, pack, pareto, notebooks, int8, readme,
 and the run-directory steps of ``./reproduce.sh``: run-start, report, accept. Bad input gives one ``error: ...``
 line and exit status 2; results are written atomically and reused when their inputs are unchanged.
+
+``evaluate`` and ``traces`` also run under torchrun (``python -m torch.distributed.run --nproc_per_node N -m detrq
+...``): the ranks share the work (``detrq.distributed``), rank 0 takes the folder's lock, prints and writes the
+result after every rank has finished its part, and each rank's error line names the rank.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from detrq import distributed
 from detrq.costs import NEGATIVE_POLICIES
 from detrq.errors import DetrqError
 from detrq.hessian import ALL_METRICS, BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS
@@ -78,21 +83,31 @@ def _resolve(args: argparse.Namespace, default_split: str) -> tuple[str, str, st
     return args.checkpoint, args.coco, args.split or f"{default_split}2017"
 
 
+def _load_model(args: argparse.Namespace, checkpoint: str, device: str) -> tuple[Any, str]:
+    from detrq.pipeline import load_model
+
+    return load_model(args.preset, checkpoint, device, min_size=args.min_size, max_size=args.max_size)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from detrq.pipeline import eval_dataset, load_model, run_evaluation
+    from detrq.pipeline import eval_dataset, run_evaluation
     from detrq.quant import load_bit_map, uniform_bit_map
 
     if args.bits is not None and args.bit_map is not None:
         raise DetrqError("give --bits or --bit-map, not both")
     checkpoint, coco, split = _resolve(args, "val")
-    model, sha = load_model(args.preset, checkpoint, args.device)
-    dataset = eval_dataset(model, coco, split, max_images=args.max_images)
-    if args.bit_map:
-        bit_map = load_bit_map(args.bit_map, model)
-    else:
-        bit_map = uniform_bit_map(model, args.bits) if args.bits is not None else {}
-    result = run_evaluation(model, sha, dataset, bit_map, args.out, batch_size=args.batch_size,
-                            device=args.device, progress=not args.quiet)
+    with distributed.process_group(args.device) as device:
+        model, sha = _load_model(args, checkpoint, device)
+        dataset = eval_dataset(model, coco, split, max_images=args.max_images)
+        if args.bit_map:
+            bit_map = load_bit_map(args.bit_map, model)
+        else:
+            bit_map = uniform_bit_map(model, args.bits) if args.bits is not None else {}
+        result = run_evaluation(model, sha, dataset, bit_map, args.out, batch_size=args.batch_size, device=device,
+                                progress=not args.quiet and distributed.is_main(), label=args.label,
+                                keep_detections=args.keep_detections)
+    if result is None:  # a rank other than 0: rank 0 reports
+        return
     _print_metrics(result["metrics"])
     if args.out:
         print(f"results in {args.out}", file=sys.stderr)
@@ -100,17 +115,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_traces(args: argparse.Namespace) -> None:
     from detrq.hessian import FIRST_ORDER, TraceSettings, rel_stderr
-    from detrq.pipeline import load_model, run_traces
+    from detrq.pipeline import run_traces
 
     settings = TraceSettings(num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
                              estimator=args.estimator, blocks=args.blocks, max_probes=args.max_probes,
                              min_probes=args.min_probes, rel_tol=args.rel_tol, probes_per_pass=args.probes_per_pass,
                              seed=args.seed, jacobian=args.jacobian, jacobian_probes=args.jacobian_probes)
     checkpoint, coco, split = _resolve(args, "train")
-    model, sha = load_model(args.preset, checkpoint, args.device)
     out = args.out or f"results/traces_{args.metric}.json"
-    result = run_traces(model, sha, coco, split, args.metric, out, settings, device=args.device,
-                        progress=not args.quiet)
+    with distributed.process_group(args.device) as device:
+        model, sha = _load_model(args, checkpoint, device)
+        result = run_traces(model, sha, coco, split, args.metric, out, settings, device=device,
+                            progress=not args.quiet and distributed.is_main())
+        if not distributed.is_main():
+            return
     entries = [v["kl"] if args.metric == FIRST_ORDER else v for v in result["layers"].values()]
     worst = max(rel_stderr(e) for e in entries)
     probes = max(e["n_probes"] for e in entries)
@@ -165,13 +183,13 @@ def cmd_pack(args: argparse.Namespace) -> None:
     import torch
 
     from detrq.packing import load_packed, save_packed
-    from detrq.pipeline import build_quantizer, load_model
+    from detrq.pipeline import build_quantizer
     from detrq.quant import load_bit_map
     from detrq.quantizers import QuantizerSettings, dequantize
 
     checkpoint, coco, split = _resolve(args, "train")
     settings = QuantizerSettings(name=args.quantizer, act_order=args.act_order, calib_images=args.calib_images)
-    model, sha = load_model(args.preset, checkpoint, args.device)
+    model, sha = _load_model(args, checkpoint, args.device)
     bit_map = load_bit_map(args.bit_map, model)
     quantizer = build_quantizer(model, sha, coco, split, settings, device=args.device)
     params = dict(model.named_parameters())
@@ -203,7 +221,10 @@ def _add_model_args(s: argparse.ArgumentParser, split_help: str) -> None:
     s.add_argument("--checkpoint", help="checkpoint file (default for mini: the committed one)")
     s.add_argument("--coco", help="COCO-layout root (default for mini: the synthetic set, generated if missing)")
     s.add_argument("--split", help=split_help)
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s; under torchrun cuda is "
+                                                    "each rank's local GPU)")
+    s.add_argument("--min-size", type=int, help="shorter image side after resizing (default: the preset's)")
+    s.add_argument("--max-size", type=int, help="cap on the longer image side (default: the preset's)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -243,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, help="quantize every quantizable layer to N bits with Eq. (6)")
     s.add_argument("--bit-map", help="bit-map JSON {layer: bits} to apply before evaluating")
     s.add_argument("--out", help="write the metrics and protocol as JSON here (reused if inputs are unchanged)")
-    s.set_defaults(func=cmd_evaluate, writes=lambda a: a.out and Path(a.out).parent)
+    s.add_argument("--label", help="a label stored in the result file")
+    s.add_argument("--keep-detections", action="store_true",
+                   help="also keep the raw detections beside --out (what the paired bootstrap resamples)")
+    s.set_defaults(func=cmd_evaluate, writes=lambda a: a.out and Path(a.out).parent, ranks=True)
 
     s = sub.add_parser("traces", help="per-layer Hutchinson Hessian traces for one sensitivity metric")
     _add_model_args(s, "split the Hessian images come from (default: train for mini, train2017 otherwise)")
@@ -268,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when every layer's relative stderr is below this (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="probe seed (default: %(default)s)")
     s.add_argument("--out", help="default: results/traces_<metric>.json")
-    s.set_defaults(func=cmd_traces, writes=lambda a: Path(a.out).parent if a.out else Path("results"))
+    s.set_defaults(func=cmd_traces, writes=lambda a: Path(a.out).parent if a.out else Path("results"), ranks=True)
 
     s = sub.add_parser("allocate", help="ILP bit allocation from a traces or measured-costs file (Eq. (2) / (4))")
     s.add_argument("--traces", required=True, help="a results/traces_<metric>.json file")
@@ -380,10 +404,10 @@ def cmd_int8(args: argparse.Namespace) -> None:
 
 
 def cmd_curve(args: argparse.Namespace) -> None:
-    from detrq.pipeline import eval_dataset, load_model, run_quant_curve
+    from detrq.pipeline import eval_dataset, run_quant_curve
 
     checkpoint, coco, split = _resolve(args, "val")
-    model, sha = load_model(args.preset, checkpoint, args.device)
+    model, sha = _load_model(args, checkpoint, args.device)
     dataset = eval_dataset(model, coco, split, max_images=args.max_images)
     curve = run_quant_curve(model, sha, dataset, args.results_dir, device=args.device, progress=not args.quiet)
     print("  ".join(f"{r['label']} {100 * r['AP']:.1f}" for r in curve["rows"]))
@@ -521,7 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        folder = args.writes(args) if getattr(args, "writes", None) else None
+        if distributed.launched() and not getattr(args, "ranks", False):
+            raise DetrqError(f"{args.command} does not run under torchrun; only evaluate and traces do")
+        # Under torchrun the ranks write through rank 0, which alone holds the folder.
+        folder = args.writes(args) if getattr(args, "writes", None) and distributed.launch_rank() == 0 else None
         with folder_lock(folder, wait=args.wait) if folder else nullcontext():
             args.func(args)
 
@@ -535,7 +562,7 @@ def guarded(fn: Callable[..., Any], *args: Any) -> int:
     try:
         fn(*args)
     except DetrqError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -545,19 +572,23 @@ def guarded(fn: Callable[..., Any], *args: Any) -> int:
             return _bug()
         # The system refused a file operation (permissions, a full disk, a path that went away): the user's to fix.
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}:{where}; check the path, its permissions and the free disk space",
-              file=sys.stderr)
+        print(f"error: {_rank_prefix()}{e.strerror or e}:{where}; check the path, its permissions and the free disk "
+              "space", file=sys.stderr)
         return 2
     except MemoryError:
-        print("error: out of memory; use fewer images or a smaller batch size", file=sys.stderr)
+        print(f"error: {_rank_prefix()}out of memory; use fewer images or a smaller batch size", file=sys.stderr)
         return 2
     except Exception:  # anything else is a bug in detrq: show where, and ask for a report
         return _bug()
     return 0
 
 
+def _rank_prefix() -> str:
+    return f"rank {distributed.launch_rank()}: " if distributed.launched() else ""
+
+
 def _bug() -> int:
     traceback.print_exc()
-    print("error: this is a bug in detrq, not in your input; please report it with the traceback above",
-          file=sys.stderr)
+    print(f"error: {_rank_prefix()}this is a bug in detrq, not in your input; please report it with the traceback "
+          "above", file=sys.stderr)
     return 1

@@ -2,6 +2,10 @@
 
 Every prediction (no threshold, no top-k) goes to COCOeval; the returned dict holds the standard
 metrics, per-class AP and the evaluation protocol (image count, batch size, size policy, device).
+
+Inside a torchrun process group each rank runs a contiguous block of whole batches (the same batches, so the
+same padding, as one process), rank 0 gathers the detections in order and runs COCOeval once: its metrics are
+one process's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detrq import distributed
 from detrq.data.coco import CocoDetection, collate
 from detrq.errors import DetrqError
 
@@ -128,18 +133,21 @@ def evaluate(
     max_images: int | None = None,
     progress: bool = True,
     postprocess: Postprocess | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run ``model`` over ``dataset`` (the first ``max_images`` images if given) and return COCO metrics
     plus "protocol" and "detections" (the raw detection list scored by ``coco_metrics``: dicts with
     "image_id", "category_id", "bbox" xywh, "score"; ``detrq.bootstrap`` resamples them).
-    The model is moved to ``device`` and put in eval mode; its training flag is restored.
+    The model is moved to ``device`` and put in eval mode; its training flag is restored. Inside a torchrun
+    process group the ranks share the batches and only rank 0 returns the metrics (the others return None).
     """
     if batch_size < 1 or (max_images is not None and max_images < 1):
         raise DetrqError(f"batch_size and max_images must be at least 1, got {batch_size} and {max_images}")
     postprocess = postprocess or _default_postprocess()
     indices = range(len(dataset) if max_images is None else min(max_images, len(dataset)))
+    batches = distributed.shard(-(-len(indices) // batch_size))
+    mine = indices[batches.start * batch_size:batches.stop * batch_size]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=0,
+        torch.utils.data.Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=0,
         collate_fn=collate,
     )
     was_training = model.training
@@ -152,6 +160,10 @@ def evaluate(
                 detections.extend(outputs_to_detections(outputs, targets, postprocess))
     finally:
         model.train(was_training)
+    parts = distributed.gather_to_main(detections)
+    if parts is None:
+        return None
+    detections = [d for part in parts for d in part]
     metrics = coco_metrics(dataset.coco, detections, [dataset.ids[i] for i in indices])
     metrics["protocol"] = {
         "split": dataset.split,

@@ -3,6 +3,9 @@
 ``folder_lock(folder)`` holds ``fcntl.flock`` on ``folder/.lock`` for the duration of a command. The kernel
 releases it when the process ends, however it ends, so a crashed run never leaves a stale lock; the file
 records the holder's pid and command so that the second writer can say who holds it.
+
+The torchrun ranks that a pipeline step launches (``detrq.launch``) write into the folder that the launching
+command holds: ``INHERITED_LOCK_ENV`` in their environment says so, and they take no lock of their own.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ from pathlib import Path
 from detrq.errors import DetrqError
 
 LOCK_NAME = ".lock"
+INHERITED_LOCK_ENV = "DETRQ_LOCK_HELD_BY_LAUNCHER"
 
 
 @contextmanager
 def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[Path]:
     """Hold the write lock of ``folder`` (created if missing). Without ``wait``, a folder that another process
-    holds raises ``DetrqError`` naming that process; with ``wait`` it blocks until the lock is free."""
+    holds raises ``DetrqError`` naming that process; with ``wait`` it blocks until the lock is free. Under
+    ``INHERITED_LOCK_ENV`` the launching command holds it, and this is a no-op."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if os.environ.get(INHERITED_LOCK_ENV):
+        yield folder
+        return
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

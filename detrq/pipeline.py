@@ -3,11 +3,17 @@
 The CLI and the notebooks call these. Each writes one JSON under ``results/`` atomically, with a ``cache_key``
 built from everything that determines the result (checkpoint hash, image ids, seeds, settings), and returns the
 cached file instead of recomputing when the key matches.
+
+``run_traces`` and ``run_evaluation`` also run sharded: inside a torchrun process group (the CLI under torchrun)
+the ranks share the work and rank 0 writes the file, and with a ``launch.Launch`` of ``nproc`` > 1 the step
+starts those ranks itself and reads their file. The number of ranks is in no cache key: the result is one
+process's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detrq import distributed
 from detrq.bootstrap import save_detections
 from detrq.cache import cache_key, load_cached
 from detrq.data.coco import CocoDetection, EvalTransform, class_balanced_subset, collate
@@ -28,6 +35,7 @@ from detrq.hessian import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, Trac
                            distillation_term_traces, first_order_sensitivity, approximates, sensitivity,
                            total_trace)
 from detrq.ilp import allocate_bits
+from detrq.launch import Launch, run_ranks
 from detrq.models.detr import DETR, build_detr, load_checkpoint
 from detrq.paths import PROJECT_ROOT
 from detrq.quant import average_bits, quantizable_layers, quantized, model_size_bits
@@ -143,13 +151,14 @@ def hessian_batches(dataset: CocoDetection, batch_size: int, device: str = "cpu"
 
 
 def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, metric: str, out: str | Path,
-               settings: TraceSettings = TraceSettings(), *, device: str = "cpu", progress: bool = True
-               ) -> dict[str, Any]:
+               settings: TraceSettings = TraceSettings(), *, device: str = "cpu", progress: bool = True,
+               launch: Launch = Launch()) -> dict[str, Any]:
     """Per-layer sensitivities for one metric on the class-balanced image set; writes and returns the JSON.
 
     For the paper's metrics ``layers`` holds one trace estimate per layer (``settings.estimator``); for the
     first-order metric each layer holds ``{"kl": trace estimate, "jacobian": row-norm sum}`` and the file
-    holds Eq. (5)'s ``l1_scale``.
+    holds Eq. (5)'s ``l1_scale``. A sharded ``launch`` computes it in torchrun ranks (``launch.device``); inside
+    a process group every rank returns the result and rank 0 writes it.
     """
     check_metric(metric)
     full = eval_dataset(model, root, split)
@@ -160,6 +169,11 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
     cached = load_cached(out, key, check=check_traces)
     if cached is not None:
         return cached
+    if launch.sharded:
+        options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.to_dict().items()]
+        run_ranks(launch, ["traces", "--coco", str(root), "--split", split, "--metric", metric, "--out", str(out),
+                           *options])
+        return launched_result(out, key, check_traces)
     subset = eval_dataset(model, root, split, image_ids=image_ids)
     batches = hessian_batches(subset, settings.batch_size, device)
     start = time.perf_counter()
@@ -178,9 +192,19 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
         "settings": settings.to_dict(), "transform": full.transform.describe(), "layers": layers, **extra,
         # Soft problems of the data (data.validate), so a reader of the traces knows, as evaluations record them.
         **({"data_warnings": full.data_report.protocol()} if full.data_report.warnings else {}),
-        "seconds": time.perf_counter() - start, "environment": environment(),
+        "seconds": time.perf_counter() - start, "ranks": distributed.world_size(), "environment": environment(),
     }
-    write_json_atomic(out, result)
+    if distributed.is_main():
+        write_json_atomic(out, result)
+    return result
+
+
+def launched_result(out: str | Path, key: str, check: Callable[[Any, str], Any] | None = None) -> dict[str, Any]:
+    """The file the torchrun ranks wrote at ``out``, which must carry the key this process computed."""
+    result = load_cached(out, key, check=check)
+    if result is None:
+        raise DetrqError(f"the torchrun ranks did not write {out} for these inputs (its cache key differs from "
+                         "this process's); check that they load the same checkpoint and data")
     return result
 
 
@@ -257,13 +281,14 @@ def detections_path(out: str | Path) -> Path:
 
 def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[str, int],
                    out: str | Path | None, *, batch_size: int = 8, device: str = "cpu", progress: bool = True,
-                   label: str | None = None, keep_detections: bool = False, quantizer: WeightQuantizer = EQ6
-                   ) -> dict[str, Any]:
+                   label: str | None = None, keep_detections: bool = False, quantizer: WeightQuantizer = EQ6,
+                   launch: Launch = Launch()) -> dict[str, Any] | None:
     """COCO metrics of ``model`` with ``bit_map`` applied by ``quantizer`` (restored after), cached in ``out``
     when given. The result holds the per-class AP and the ideal packed size (``size_bits``).
 
     With ``keep_detections`` the raw detections go to ``detections_path(out)`` (what the paired bootstrap
-    resamples) and a cache hit needs that file too.
+    resamples) and a cache hit needs that file too. A sharded ``launch`` evaluates in torchrun ranks (Eq. (6)
+    only; ``out`` required); inside a process group only rank 0 returns the result (the others: None).
     """
     key = cache_key(kind="evaluate", checkpoint=checkpoint_sha,
                     annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
@@ -272,8 +297,13 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
     cached = load_cached(out, key) if out else None
     if cached is not None and (not keep_detections or detections_path(out).is_file()):
         return cached
+    if launch.sharded:
+        return _launch_evaluation(launch, dataset, bit_map, out, key, batch_size=batch_size, label=label,
+                                  keep_detections=keep_detections, quantizer=quantizer)
     with quantized(model, bit_map, quantizer):
         metrics = evaluate(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    if metrics is None:
+        return None
     numel = {n: p.numel() for n, p in quantizable_layers(model).items()}
     result = {
         "cache_key": key, "label": label,
@@ -287,6 +317,24 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
             save_detections(detections_path(out), metrics["detections"])
         write_json_atomic(out, result)
     return result
+
+
+def _launch_evaluation(launch: Launch, dataset: CocoDetection, bit_map: dict[str, int], out: str | Path | None,
+                       key: str, *, batch_size: int, label: str | None, keep_detections: bool,
+                       quantizer: WeightQuantizer) -> dict[str, Any]:
+    if quantizer.name != EQ6.name:
+        raise DetrqError(f"nproc > 1 evaluates with the eq6 quantizer only, not {quantizer.name!r}; use nproc 1")
+    if out is None:
+        raise DetrqError("nproc > 1 needs a result file to evaluate into")
+    with tempfile.TemporaryDirectory() as tmp:
+        bit_map_file = Path(tmp) / "bit_map.json"
+        write_json_atomic(bit_map_file, {"bit_map": bit_map})
+        run_ranks(launch, ["evaluate", "--coco", str(dataset.root), "--split", dataset.split,
+                           "--max-images", str(len(dataset)), "--batch-size", str(batch_size),
+                           "--bit-map", str(bit_map_file), "--out", str(out),
+                           *(["--label", label] if label is not None else []),
+                           *(["--keep-detections"] if keep_detections else [])])
+    return launched_result(out, key)
 
 
 # --- The whole experiment as the notebooks run it: file layout and one call per step ---------------------------
@@ -322,13 +370,13 @@ def bitmap_path(results_dir: str | Path, name: str, avg_bits: float, replica: in
 
 def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
                    settings: TraceSettings, schemes: Iterable[Scheme], *, replica: int = 0, device: str = "cpu",
-                   progress: bool = False) -> dict[str, dict[str, Any]]:
+                   progress: bool = False, launch: Launch = Launch()) -> dict[str, dict[str, Any]]:
     """``run_traces`` for each scheme (its estimator) on the same Hessian image set; ``{scheme name: result}``.
 
     ``replica`` k > 0 reruns every scheme with probe seed ``settings.seed + k`` into its own files.
     """
     return {s.name: run_traces(model, checkpoint_sha, root, split, s.metric, traces_path(results_dir, s.name, replica),
-                               s.settings(settings, replica), device=device, progress=progress)
+                               s.settings(settings, replica), device=device, progress=progress, launch=launch)
             for s in schemes}
 
 

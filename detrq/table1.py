@@ -21,6 +21,7 @@ from detrq.bootstrap import load_detections, paired_bootstrap
 from detrq.cache import cache_key, load_cached
 from detrq.data.coco import CocoDetection
 from detrq.errors import DetrqError
+from detrq.launch import Launch
 from detrq.models.detr import DETR
 from detrq.pipeline import detections_path, run_evaluation
 from detrq.quant import uniform_bit_map
@@ -57,6 +58,7 @@ class Table1Settings:
     level: float = 0.95
     batch_size: int = 8
     device: str = "cpu"
+    launch: Launch = Launch()  # nproc > 1: each evaluation runs as torchrun ranks
 
 
 def paper_delta(precision: str, scheme: str) -> float | None:
@@ -187,7 +189,7 @@ def run_table1(model: DETR, checkpoint_sha: str, dataset: CocoDetection,
         return run_evaluation(model, checkpoint_sha, dataset, row_bit_map(model, p, s, allocs),
                               eval_path(results_dir, p, s, replica), batch_size=settings.batch_size,
                               device=settings.device, progress=progress, label=f"{p} {s}",
-                              keep_detections=replica == 0)
+                              keep_detections=replica == 0, launch=settings.launch)
 
     evaluations = {(p, s): evaluation(p, s, allocations) for p, s in rows}
     replica_aps: dict[tuple[str, str], list[float]] = {}

@@ -10,13 +10,15 @@ import torch
 
 from detrq.data.synthetic import make_dataset
 from detrq.models.detr import build_detr
+from detrq.paths import PROJECT_ROOT
 
 torch.set_num_threads(1)
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "detrq", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                            "PYTHONPATH": str(PROJECT_ROOT)})  # this checkout's detrq
 
 
 @pytest.fixture(scope="module")

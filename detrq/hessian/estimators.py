@@ -19,6 +19,12 @@ per-probe samples, so that every trace has a standard error.
   ``1/N sum_i g_i g_i'`` with ``g_i`` the gradient of image i's loss, i.e. the mean of ``||g_{i,l}||^2`` over the
   images. Each item must be one image (``metrics.sensitivity`` splits the batches); its samples are per image,
   so its standard error is over images, and no probe or seed enters it.
+
+Sharded over torchrun's ranks (``Objective.owned``), each rank evaluates its block of the items with their
+global shares and draws every probe as one process would (the items it skips still consume their draws), the
+per-probe sums are added over the ranks after each pass (so every rank takes the same convergence decision), and
+the Fisher's per-image samples are gathered in item order: the numbers are one process's, up to the order of
+float64 additions.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detrq.distributed import all_gather, all_reduce_sum
 from detrq.errors import DetrqError
 from detrq.hessian.estimates import TraceEstimate
 from detrq.hessian.settings import TraceSettings
@@ -37,6 +44,8 @@ from detrq.quant import layer_region
 
 # ggn_factor(outputs, share, generator) -> [(output tensor, cotangent)]: cotangents s with E[s s'] = share * H_out.
 GGNFactor = Callable[[Any, float, torch.Generator], list[tuple[Tensor, Tensor]]]
+# ggn_skip(item, generator): draw and drop what ggn_factor draws for ``item``, without its outputs.
+GGNSkip = Callable[[Any, torch.Generator], None]
 
 
 @dataclass
@@ -46,6 +55,10 @@ class Objective:
     ``loss(item)`` is one item's loss with its graph. For ``ggn``, ``outputs(item)`` gives the model outputs
     and ``ggn_factor`` the output-space probe (None: the objective has no GGN form here). ``ggn_exact`` says
     whether the GGN equals this objective's Hessian at the current weights (Out Sen Float) or approximates it.
+
+    ``owned`` shards the objective over torchrun's ranks: this rank evaluates only those items (the others may
+    lack what only their loss needs, e.g. teacher outputs) and the estimators sum the ranks' parts; ``ggn_skip``
+    keeps the probe stream of the items it skips. None: one process evaluates every item.
     """
 
     loss: Callable[[Any], Tensor]
@@ -54,6 +67,17 @@ class Objective:
     outputs: Callable[[Any], Any] | None = None
     ggn_factor: GGNFactor | None = None
     ggn_exact: bool = False
+    owned: range | None = None
+    ggn_skip: GGNSkip | None = None
+
+    @property
+    def mine(self) -> range:
+        """The indices of the items this process evaluates."""
+        return range(len(self.items)) if self.owned is None else self.owned
+
+    def ranks_sum(self, t: Tensor) -> Tensor:
+        """A per-probe block summed over the ranks that share this objective (itself in one process)."""
+        return t if self.owned is None else all_reduce_sum(t)
 
     @classmethod
     def weighted(cls, loss: Callable[[Any], Tensor], items: Sequence[Any] | None = None,
@@ -102,7 +126,8 @@ def _hvp_pass(objective: Objective, tensors: list[Tensor], groups: list[list[int
     probes = [[_rademacher(t.shape, generator, t.device) for t in tensors] for _ in range(n_new)]
     out = torch.zeros(n_new, len(tensors), dtype=torch.float64)
     zero = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
-    for item, share in zip(objective.items, objective.shares):
+    for item_index in objective.mine:
+        item, share = objective.items[item_index], objective.shares[item_index]
         grads = torch.autograd.grad(objective.loss(item), tensors, create_graph=True, allow_unused=True)
         # A gradient without a graph does not depend on any traced tensor: its rows of H are zero.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -121,13 +146,17 @@ def _hvp_pass(objective: Objective, tensors: list[Tensor], groups: list[list[int
                 dots = [zero if h is None else (h * v[i]).sum(dtype=torch.float64) for i, h in zip(index, hv)]
                 out[k, list(index)] += share * torch.stack(dots).cpu()  # one sync per HVP, not per layer
         del grads
-    return out
+    return objective.ranks_sum(out)
 
 
 def _ggn_pass(objective: Objective, tensors: list[Tensor], n_new: int, generator: torch.Generator) -> Tensor:
     """``||(J' S u)_l||^2`` summed over items, for ``n_new`` Gaussian output-space probes ``u``."""
     out = torch.zeros(n_new, len(tensors), dtype=torch.float64)
-    for item, share in zip(objective.items, objective.shares):
+    for index, (item, share) in enumerate(zip(objective.items, objective.shares)):
+        if index not in objective.mine:
+            for _ in range(n_new):
+                objective.ggn_skip(item, generator)
+            continue
         outputs = objective.outputs(item)
         for k in range(n_new):
             pairs = objective.ggn_factor(outputs, share, generator)
@@ -136,7 +165,7 @@ def _ggn_pass(objective: Objective, tensors: list[Tensor], n_new: int, generator
             zero = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
             out[k] += torch.stack([zero if g is None else g.double().pow(2).sum() for g in grads]).cpu()
         del outputs
-    return out
+    return objective.ranks_sum(out)
 
 
 def probe_loop(draw: Callable[[int, torch.Generator], Tensor], names: list[str], numel: list[int],
@@ -175,7 +204,7 @@ def _fisher(objective: Objective, names: list[str], tensors: list[Tensor], numel
     """Per-image squared gradient norms of every layer: the empirical Fisher's samples (equal item shares)."""
     if len(set(objective.shares)) > 1:
         raise DetrqError("the empirical Fisher needs one image per item with equal weights")
-    items = objective.items
+    items = [objective.items[i] for i in objective.mine]
     if progress:
         from tqdm.auto import tqdm
 
@@ -185,6 +214,9 @@ def _fisher(objective: Objective, names: list[str], tensors: list[Tensor], numel
         grads = torch.autograd.grad(objective.loss(item), tensors, allow_unused=True)
         for i, g in enumerate(grads):
             samples[i].append(0.0 if g is None else g.double().pow(2).sum().item())
+    if objective.owned is not None:  # the ranks' blocks, in rank order: every image's sample in item order
+        parts = all_gather(samples)
+        samples = [[v for part in parts for v in part[i]] for i in range(len(names))]
     return {n: TraceEstimate.from_samples(s, k) for n, s, k in zip(names, samples, numel)}
 
 
@@ -203,6 +235,8 @@ def layer_traces(objective: Objective, params: Mapping[str, Tensor], settings: T
         if objective.ggn_factor is None or objective.outputs is None:
             raise DetrqError("this objective has no generalized Gauss-Newton form; use estimator hutchinson or "
                              "blockwise")
+        if objective.owned is not None and objective.ggn_skip is None:
+            raise DetrqError("this objective cannot skip other ranks' ggn probes; run it in one process")
 
         def draw(n: int, g: torch.Generator) -> Tensor:
             return _ggn_pass(objective, tensors, n, g)

@@ -10,6 +10,10 @@ every box coordinate of every decoder output (aux included) of every Hessian ima
 * ``"cauchy-schwarz"`` (an upper bound): ``S_l <= sqrt(N * Tr(J_l' J_l))``, with ``Tr(J_l' J_l)`` from Gaussian
   probes in box space (one backward each, for all layers); tight only when the rows have similar norms. Its
   standard error follows from the trace's by the delta method.
+
+Sharded over torchrun's ranks (``owned``), a rank runs its block of the batches and draws, without a forward
+pass, what each skipped batch's probes draw, so the probes are one process's; the per-probe sums are added over
+the ranks.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detrq.distributed import all_reduce_sum
 from detrq.hessian.estimates import TraceEstimate
 from detrq.hessian.estimators import probe_loop
-from detrq.hessian.objectives import decoder_outputs
+from detrq.hessian.objectives import decoder_output_count, decoder_outputs
 from detrq.hessian.settings import TraceSettings
 
 
@@ -40,12 +45,14 @@ def _norms(grads: Sequence[Tensor | None], power: int) -> Tensor:
 
 
 def jacobian_row_norm_sums(model: nn.Module, image_batches: Sequence[list[Tensor]], params: Mapping[str, Tensor],
-                           settings: TraceSettings, *, progress: bool = False) -> dict[str, dict[str, Any]]:
+                           settings: TraceSettings, *, owned: range | None = None, progress: bool = False
+                           ) -> dict[str, dict[str, Any]]:
     """``S_l = sum_i ||J_{i,l}||`` for every layer in ``params`` (see the module docstring), with its stderr.
 
     Returns ``{layer: {"sum", "stderr", "n_probes", "n_rows", "estimator", "samples"}}``; the samples are
     ``S_l`` samples for ``"rows"`` and ``Tr(J_l' J_l)`` samples for ``"cauchy-schwarz"``. ``settings.jacobian``
     picks the estimator, ``settings.jacobian_probes`` the number of probes, ``settings.seed`` the seed.
+    ``owned``: this torchrun rank's block of the batches (None: all, one process).
     """
     names = list(params)
     tensors = [params[n] for n in names]
@@ -56,7 +63,16 @@ def jacobian_row_norm_sums(model: nn.Module, image_batches: Sequence[list[Tensor
         nonlocal n_rows
         out = torch.zeros(n, len(tensors), dtype=torch.float64)
         n_rows = 0
-        for images in image_batches:
+        for b, images in enumerate(image_batches):
+            if owned is not None and b not in owned:
+                count = decoder_output_count(model) * len(images) * model.num_queries * 4  # box_rows' numel
+                n_rows += count
+                for _ in range(n):
+                    if rows_estimator:
+                        torch.randint(count, (1,), generator=generator)
+                    else:
+                        torch.randn((count,), generator=generator, dtype=torch.float64)
+                continue
             rows = box_rows(model(images))
             n_rows += rows.numel()
             for k in range(n):
@@ -69,7 +85,7 @@ def jacobian_row_norm_sums(model: nn.Module, image_batches: Sequence[list[Tensor
                     grads = torch.autograd.grad(rows, tensors, grad_outputs=u, retain_graph=k < n - 1,
                                                 allow_unused=True)
                     out[k] += _norms(grads, 2)
-        return out
+        return out if owned is None else all_reduce_sum(out)
 
     # A fixed probe count: the stopping rule is the trace settings' (rel_tol) only for the KL traces.
     fixed = replace(settings, max_probes=settings.jacobian_probes, min_probes=settings.jacobian_probes)

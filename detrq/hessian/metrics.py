@@ -3,6 +3,10 @@
 ``sensitivity`` wires an objective (objectives.py) to an estimator (estimators.py) for the paper's metrics;
 ``first_order_sensitivity`` gives both terms of the first-order output sensitivity; ``distillation_term_traces``
 splits Eq. (5)'s curvature into its L1 and KL terms (footnote 1's check).
+
+Inside a torchrun process group (``detrq.distributed``) ``sensitivity`` and ``first_order_sensitivity`` shard
+the batches over the ranks and return one process's estimates on every rank; ``distillation_term_traces`` does
+not shard.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from detrq import distributed
 from detrq.distill import distillation_loss
 from detrq.hessian.estimates import TraceEstimate
 from detrq.hessian.estimators import Objective, layer_traces
@@ -34,7 +39,7 @@ def sensitivity(model: nn.Module, batches: Batches, metric: str, settings: Trace
     is the float model; the traces are taken at that point and the float weights are restored exactly.
     Teacher outputs are computed once from the float model (or passed in, one per batch). ``layers`` (default:
     ``quantizable_layers(model)``) are the traced tensors; see ``tracing`` for the eval mode and
-    ``requires_grad`` handling.
+    ``requires_grad`` handling. Inside a torchrun process group each rank evaluates its block of the batches.
     """
     check_metric(metric, METRICS)
     batches = list(batches)
@@ -45,9 +50,15 @@ def sensitivity(model: nn.Module, batches: Batches, metric: str, settings: Trace
     student_bits = uniform_bit_map(model, quant_bits) if metric == "out-quant" else {}
     with tracing(model, names) as params:
         objective = sensitivity_objective(model, batches, metric, teacher_outputs=teacher_outputs,
-                                          criterion=criterion)
+                                          criterion=criterion, owned=rank_block(len(batches)))
         with quantized(model, student_bits):
             return layer_traces(objective, params, settings, progress=progress)
+
+
+def rank_block(n: int) -> range | None:
+    """This torchrun rank's block of ``n`` batches (whole batches: DETR's outputs depend on the batch padding);
+    None in one process."""
+    return distributed.shard(n) if distributed.active() else None
 
 
 def per_image(batches: Batches) -> list[tuple[list[Tensor], list[dict]]]:
@@ -68,7 +79,8 @@ def first_order_sensitivity(model: nn.Module, batches: Batches, settings: TraceS
     names = list(quantizable_layers(model)) if layers is None else list(layers)
     kl = sensitivity(model, batches, "out-float", settings, layers=names, progress=progress)
     with tracing(model, names) as params:
-        jac = jacobian_row_norm_sums(model, [images for images, _ in batches], params, settings, progress=progress)
+        jac = jacobian_row_norm_sums(model, [images for images, _ in batches], params, settings,
+                                     owned=rank_block(len(batches)), progress=progress)
     num_images = sum(len(images) for images, _ in batches)
     return {"kl": kl, "jacobian": jac, "l1_scale": 1.0 / (num_images * model.num_queries),
             "num_images": num_images, "num_queries": model.num_queries}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,6 +56,11 @@ def check_metric(metric: str, allowed: tuple[str, ...] = ALL_METRICS) -> str:
 def decoder_outputs(outputs: dict[str, Any]) -> list[dict[str, Tensor]]:
     """The final output followed by every auxiliary decoder output: the terms Eq. (5) sums over."""
     return [outputs, *outputs.get("aux_outputs", [])]
+
+
+def decoder_output_count(model: nn.Module) -> int:
+    """``len(decoder_outputs(model(images)))``, known without a forward pass."""
+    return model.cfg.dec_layers if model.aux_loss else 1
 
 
 @contextmanager
@@ -111,14 +117,23 @@ def kl_ggn_factor(outputs: dict[str, Any], share: float, generator: torch.Genera
     return pairs
 
 
+def skip_kl_ggn_probe(model: nn.Module, item: tuple[list[Tensor], Any], generator: torch.Generator) -> None:
+    """Draw and drop what ``kl_ggn_factor`` draws for ``model``'s outputs on ``item``'s images (same shapes, same
+    order), so that a rank that skips the item keeps one process's probe stream."""
+    shape = (len(item[0]), model.num_queries, model.cfg.num_classes + 1)
+    for _ in range(decoder_output_count(model)):
+        torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
 def sensitivity_objective(model: nn.Module, batches: Sequence[tuple[list[Tensor], list[dict]]], metric: str, *,
-                          teacher_outputs: Sequence[dict] | None = None, criterion: nn.Module | None = None
-                          ) -> Objective:
+                          teacher_outputs: Sequence[dict] | None = None, criterion: nn.Module | None = None,
+                          owned: range | None = None) -> Objective:
     """One paper metric's objective over ``batches`` (``(images, targets)``), image-weighted.
 
     For ``"loss"`` the items are the batches and the loss is the weighted DETR training loss. For the Eq. (5)
     metrics the items are ``(images, teacher outputs)``; the teacher outputs are computed here from the model
-    as it is now (so call this at float weights, in eval mode), unless ``teacher_outputs`` are given.
+    as it is now (so call this at float weights, in eval mode), unless ``teacher_outputs`` are given. ``owned``
+    (a torchrun rank's block of the batches, ``Objective.owned``) limits the teacher outputs computed here to it.
     """
     check_metric(metric, METRICS)
     batches = list(batches)
@@ -130,9 +145,11 @@ def sensitivity_objective(model: nn.Module, batches: Sequence[tuple[list[Tensor]
             images, targets = item
             return weighted_loss(crit(model(images), targets), crit.weight_dict)
 
-        return Objective.weighted(training_loss, batches, sizes)
+        return Objective.weighted(training_loss, batches, sizes, owned=owned)
     if teacher_outputs is None:
-        teacher_outputs = teacher_outputs_of(model, batches)
+        mine = range(len(batches)) if owned is None else owned
+        computed = dict(zip(mine, teacher_outputs_of(model, [batches[i] for i in mine])))
+        teacher_outputs = [computed.get(i) for i in range(len(batches))]
     if len(teacher_outputs) != len(batches):
         raise DetrqError(f"got {len(teacher_outputs)} teacher outputs for {len(batches)} batches")
 
@@ -142,4 +159,5 @@ def sensitivity_objective(model: nn.Module, batches: Sequence[tuple[list[Tensor]
 
     items = [(images, teacher) for (images, _), teacher in zip(batches, teacher_outputs)]
     return Objective.weighted(output_loss, items, sizes, outputs=lambda item: model(item[0]),
-                              ggn_factor=kl_ggn_factor, ggn_exact=metric == "out-float")
+                              ggn_factor=kl_ggn_factor, ggn_exact=metric == "out-float", owned=owned,
+                              ggn_skip=partial(skip_kl_ggn_probe, model))

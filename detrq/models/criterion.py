@@ -1,6 +1,12 @@
 """The DETR training loss: Hungarian matcher and set criterion, numerically as the official implementation.
 
 The loss L of the paper's Eq. (1)-(2) ("Loss Sen") is ``weighted_loss(criterion(outputs, targets), ...)``.
+
+``num_boxes`` (the L1 and GIoU normaliser) is the batch's own box count. With ``batch_over_ranks`` the ranks of a
+torchrun process group each hold a part of one global batch (data-parallel training, as official DETR trains):
+the count is then all-reduced and divided by the world size, as in the official code. The sharded Hessian
+objectives do not set it: each of their batches lives whole on one rank, so its own count is already the one a
+single process uses.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from detrq import distributed
 from detrq.models.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 
@@ -50,9 +57,10 @@ class SetCriterion(nn.Module):
     """Official DETR SetCriterion with the 'labels', 'boxes' and 'cardinality' losses and aux copies."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 eos_coef: float = 0.1):
+                 eos_coef: float = 0.1, batch_over_ranks: bool = False):
         super().__init__()
         self.num_classes = num_classes
+        self.batch_over_ranks = batch_over_ranks
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
@@ -102,7 +110,11 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """The loss dict; aux outputs are re-matched and their terms get suffixes ``_0``, ``_1``, ..."""
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        if self.batch_over_ranks:
+            total = distributed.all_reduce_sum(torch.tensor(num_boxes, dtype=torch.float64))
+            num_boxes = total.item() / distributed.world_size()
+        num_boxes = max(num_boxes, 1.0)
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses = self._losses(main, targets, num_boxes, log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
@@ -110,12 +122,14 @@ class SetCriterion(nn.Module):
         return losses
 
 
-def build_criterion(num_classes: int = 91, dec_layers: int = 6, eos_coef: float = 0.1) -> SetCriterion:
-    """The official criterion: matcher costs 1/5/2, loss weights 1/5/2, eos_coef 0.1, aux losses."""
+def build_criterion(num_classes: int = 91, dec_layers: int = 6, eos_coef: float = 0.1,
+                    batch_over_ranks: bool = False) -> SetCriterion:
+    """The official criterion: matcher costs 1/5/2, loss weights 1/5/2, eos_coef 0.1, aux losses;
+    ``batch_over_ranks``: see the module docstring."""
     weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
     for i in range(dec_layers - 1):
         weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
-    return SetCriterion(num_classes, HungarianMatcher(1.0, 5.0, 2.0), weight_dict, eos_coef)
+    return SetCriterion(num_classes, HungarianMatcher(1.0, 5.0, 2.0), weight_dict, eos_coef, batch_over_ranks)
 
 
 def weighted_loss(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
