@@ -151,6 +151,7 @@ def build_table1(evaluations: dict[tuple[str, str], dict[str, Any]], *, rows: Se
             "precision": precision, "scheme": scheme, "label": names.get(scheme, scheme),
             "paper": (precision, scheme) in PAPER_TABLE1, "AP": ap[precision, scheme],
             "paper_AP": PAPER_TABLE1.get((precision, scheme)), "avg_bits": evaluations[precision, scheme]["avg_bits"],
+            "size_mb": _size_mb(evaluations[precision, scheme]),
             "delta_vs_uniform": ap[precision, scheme] - ap[uniform] if mixed else None,
             "delta_ci": _ci(pairs, (precision, scheme), uniform) if mixed else None,
             "delta_seed_range": ([min(a - ap[uniform] for a in [ap[precision, scheme], *seeds]),
@@ -163,6 +164,13 @@ def build_table1(evaluations: dict[tuple[str, str], dict[str, Any]], *, rows: Se
     first = evaluations[rows[0]]
     return {"rows": table_rows_out, "protocol": first["protocol"], "checkpoint_sha256": first["checkpoint_sha256"],
             "pairs": pairs or {}}
+
+
+def _size_mb(evaluation: dict[str, Any]) -> float | None:
+    """The ideal packed size of an evaluated bit map in MB (``quant.model_size_bits``; None in evaluations made
+    before sizes were recorded)."""
+    bits = evaluation.get("size_bits")
+    return None if bits is None else bits / 8e6
 
 
 def eval_path(results_dir: Path, precision: str, scheme: str, replica: int = 0) -> Path:
@@ -238,14 +246,14 @@ def table1_csv(table: dict[str, Any]) -> str:
     """The rows as CSV (AP to 3 decimals, bits to 4), intervals as low/high columns."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["precision", "scheme", "label", "AP", "paper_AP", "avg_bits", "delta_vs_uniform", "delta_ci_low",
-                     "delta_ci_high", "delta_seed_min", "delta_seed_max", "delta_vs_measured",
+    writer.writerow(["precision", "scheme", "label", "AP", "paper_AP", "avg_bits", "size_mb", "delta_vs_uniform",
+                     "delta_ci_low", "delta_ci_high", "delta_seed_min", "delta_seed_max", "delta_vs_measured",
                      "delta_vs_measured_ci_low", "delta_vs_measured_ci_high", "paper_delta"])
     for r in table["rows"]:
         ci, seeds, ci_m = r.get("delta_ci") or [None] * 2, r.get("delta_seed_range") or [None] * 2, \
             r.get("delta_vs_measured_ci") or [None] * 2
         writer.writerow([r["precision"], r["scheme"], r.get("label", SCHEME_NAMES.get(r["scheme"], r["scheme"])),
-                         _fmt(r["AP"], 3), _fmt(r["paper_AP"], 1), _fmt(r["avg_bits"], 4),
+                         _fmt(r["AP"], 3), _fmt(r["paper_AP"], 1), _fmt(r["avg_bits"], 4), _fmt(r.get("size_mb"), 4),
                          _fmt(r["delta_vs_uniform"], 3, True), *(_fmt(v, 3, True) for v in ci),
                          *(_fmt(v, 3, True) for v in seeds), _fmt(r.get("delta_vs_measured"), 3, True),
                          *(_fmt(v, 3, True) for v in ci_m), _fmt(r["paper_delta"], 1, True)])
@@ -260,8 +268,8 @@ def table1_markdown(table: dict[str, Any]) -> str:
     """
     level = table.get("protocol", {}).get("bootstrap", {}).get("level", 0.95)
     lines = [f"| Precision | Quant scheme | mAP (%) | Δ | Δ {100 * level:g}% CI | Δ over seeds | Δ meas. [CI] | "
-             "avg bits | paper mAP (%) | paper Δ |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "avg bits | size (MB) | paper mAP (%) | paper Δ |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table["rows"]:
         precision = "Float" if r["precision"] == "float" else f"{r['precision']}-bit"
         label = r.get("label", SCHEME_NAMES.get(r["scheme"], r["scheme"]))
@@ -271,6 +279,7 @@ def table1_markdown(table: dict[str, Any]) -> str:
         measured_text = "-" if measured is None else f"{measured:+.1f} {_fmt_ci(r.get('delta_vs_measured_ci'))}"
         lines.append(f"| {precision} | {label} | {_fmt(r['AP'], 1)} | {_fmt(r['delta_vs_uniform'], 1, True)} | "
                      f"{_fmt_ci(r.get('delta_ci'))} | {seed_text} | {measured_text} | {_fmt(r['avg_bits'], 2)} | "
+                     f"{_fmt(r.get('size_mb'), 3)} | "
                      f"{_fmt(r['paper_AP'], 1)} | {_fmt(r['paper_delta'], 1, True)} |")
     return "\n".join(lines) + "\n"
 

@@ -36,7 +36,8 @@ def fake_evaluations(ap: dict[tuple[str, str], float]) -> dict:
     """run_evaluation-shaped results with the given AP (in percent)."""
     protocol = {"split": "val", "num_images": 5, "batch_size": 8}
     return {row: {"metrics": {"AP": value / 100}, "protocol": protocol, "checkpoint_sha256": "abc",
-                  "avg_bits": 32.0 if row[0] == "float" else float(row[0])} for row, value in ap.items()}
+                  "avg_bits": 32.0 if row[0] == "float" else float(row[0]),
+                  "size_bits": 8e6 * (32.0 if row[0] == "float" else float(row[0]))} for row, value in ap.items()}
 
 
 def fake_traces(avg: dict[str, list[float]], rel: float = 0.1) -> dict:
@@ -55,11 +56,12 @@ def test_paper_table_has_the_14_rows_and_its_printed_deltas():
 def test_build_table1_rows_keys_and_deltas(tmp_path):
     table = build_table1(fake_evaluations(PAPER_TABLE1))
     assert len(table["rows"]) == 14 and table["checkpoint_sha256"] == "abc"
-    assert all(set(r) == {"precision", "scheme", "label", "paper", "AP", "paper_AP", "avg_bits", "delta_vs_uniform",
-                          "delta_ci", "delta_seed_range", "delta_vs_measured", "delta_vs_measured_ci", "paper_delta"}
+    assert all(set(r) == {"precision", "scheme", "label", "paper", "AP", "paper_AP", "avg_bits", "size_mb",
+                          "delta_vs_uniform", "delta_ci", "delta_seed_range", "delta_vs_measured", "delta_vs_measured_ci", "paper_delta"}
                for r in table["rows"])
     rows = {(r["precision"], r["scheme"]): r for r in table["rows"]}
     assert rows["5", "out-quant"]["delta_vs_uniform"] == pytest.approx(1.3)
+    assert rows["5", "out-quant"]["size_mb"] == pytest.approx(5.0) and rows["float", "none"]["size_mb"] == 32.0
     assert rows["8", "uniform"]["delta_vs_uniform"] is None
     write_table1(table, tmp_path)
     assert json.loads((tmp_path / "table1.json").read_text()) == table
