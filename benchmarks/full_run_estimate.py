@@ -27,7 +27,8 @@ VAL_IMAGES = 5000
 
 def passes(params: dict, layers: int) -> list[tuple[str, float, bool, str]]:
     """``(step, CPU seconds on one thread, sharded over torchrun ranks, how it is counted)`` for every heavy step
-    of the full run. Sharded: notebook 01's traces and notebook 03's evaluations (``launch.py``)."""
+    of the full run. Sharded: notebook 01's traces, and notebook 03's and notebook 07's Eq. (6) evaluations
+    (``launch.py``)."""
     cost = params["_cost"]
     fwd, fwd_bwd, hvp = cost["forward"], cost["fwd_bwd"], cost["hvp"]
     bwd, hvp_again = fwd_bwd - fwd, hvp - fwd_bwd  # a backward, and one more HVP on a graph already built
@@ -58,11 +59,16 @@ def passes(params: dict, layers: int) -> list[tuple[str, float, bool, str]]:
          f"{layers} layers x {len(params['measure_ap_bits'])} bits x {VAL_IMAGES} val images"),
     ]
     table1 = 5 + 8 * 3 + 7 * 3 * (seeds - 1)  # float, W8, uniform 6/5/4; 8 rows x 3 budgets; the other seeds
-    pareto = 1 + 6 * 3 + 8 * len(params["pareto_targets"]) + 8 * 3 * (len(params["quantizers"]) - 1)
+    # Notebook 07: float, uniform 3..8 and 8 sources x every budget with Eq. (6) (sharded); the other quantizers
+    # (uniform, and 8 sources at 6/5/4 bits) run in one process.
+    pareto_eq6 = 1 + 6 + 8 * len(params["pareto_targets"])
+    pareto_other = (6 + 8 * 3) * (len(params["quantizers"]) - 1)
     rows.append(("03 evaluations (Table 1)", table1 * VAL_IMAGES * fwd, True,
                  f"{table1} evaluations x {VAL_IMAGES} images"))
-    rows.append(("07 evaluations (Pareto, Table 2) and the curve", (pareto + 2) * VAL_IMAGES * fwd, False,
-                 f"{pareto} + 2 evaluations x {VAL_IMAGES} images"))
+    rows.append(("07 evaluations with Eq. (6) (Pareto front)", pareto_eq6 * VAL_IMAGES * fwd, True,
+                 f"{pareto_eq6} evaluations x {VAL_IMAGES} images"))
+    rows.append(("07 evaluations, other quantizers (Table 2), and the curve", (pareto_other + 2) * VAL_IMAGES * fwd,
+                 False, f"{pareto_other} + 2 evaluations x {VAL_IMAGES} images"))
     return rows
 
 

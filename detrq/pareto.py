@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from detrq.errors import DetrqError
+from detrq.launch import Launch
 from detrq.models.detr import DETR
 from detrq.data.coco import CocoDetection
 from detrq.pipeline import run_allocation, run_evaluation
@@ -49,6 +50,7 @@ class SweepSettings:
     batch_size: int = 8
     time_limit: float = 60.0
     device: str = "cpu"
+    launch: Launch = Launch()  # torchrun ranks for the Eq. (6) evaluations (the full run); not in the results
 
     def __post_init__(self) -> None:
         lo, hi = self.bits
@@ -117,15 +119,18 @@ def run_sweep(model: DETR, checkpoint_sha: str, dataset: CocoDetection, sources:
                                        negative_traces=settings.negative_traces, time_limit=settings.time_limit,
                                        quantizer=quantizer)
                 evaluations.append((source, t, alloc["bit_map"]))
+        # Launched ranks apply Eq. (6) only (they rebuild no calibrated quantizer): the others run here.
+        launch = settings.launch if qname == "eq6" else Launch()
         for source, t, bit_map in evaluations:
             r = run_evaluation(model, checkpoint_sha, dataset, bit_map,
                                out_dir / f"eval_{_file_stem(qname, source, t)}.json", batch_size=settings.batch_size,
                                device=settings.device, progress=progress, label=f"{qname} {source} {t:g}",
-                               quantizer=quantizer)
+                               quantizer=quantizer, launch=launch)
             points.append(Point(qname, source, t, r["avg_bits"], model_size_bits(model, bit_map, quantizer) / mb,
                                 r["metrics"]["AP"], r["metrics"].get("per_class", {})))
     result = {
-        "settings": {**asdict(settings), "bits_range": [settings.bits[0], settings.bits[1]]},
+        "settings": {**{k: v for k, v in asdict(settings).items() if k != "launch"},
+                     "bits_range": [settings.bits[0], settings.bits[1]]},
         "float": {"AP": float_eval["metrics"]["AP"], "size_mb": model_size_bits(model, {}) / mb,
                   "per_class": float_eval["metrics"].get("per_class", {})},
         "protocol": float_eval["protocol"], "checkpoint_sha256": checkpoint_sha,
