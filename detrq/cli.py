@@ -371,15 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks, e.g. 04_figures")
     s.set_defaults(func=cmd_notebooks)
 
-    s = sub.add_parser("int8", help="INT8 PTQ of the CNN detector (Faster R-CNN): size, latency, memory, mAP")
+    s = sub.add_parser("int8", help="INT8 PTQ of a CNN detector (Faster R-CNN): size, latency, memory, mAP")
     s.add_argument("--backend", default="fx", choices=["fx", "pt2e", "onnxruntime"], help="default: %(default)s")
+    s.add_argument("--model", default="narrow", help="narrow (the trained checkpoint; default) or a torchvision "
+                   "architecture with random weights: fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn")
     s.add_argument("--checkpoint", help="Faster R-CNN checkpoint (default: checkpoints/frcnn_narrow.pth)")
+    s.add_argument("--parts", help="comma-separated detector parts to quantize (default: all of backbone, rpn_head, "
+                   "box_head, box_predictor that the model has)")
+    s.add_argument("--image-size", type=int, help="default: the checkpoint's, or 800 for a torchvision model")
     s.add_argument("--calib-images", type=int, default=32, help="train images to calibrate on (default: %(default)s)")
     s.add_argument("--eval-images", type=int, help="evaluate on the first N val images only")
+    s.add_argument("--agreement-score-thr", type=float, default=0.5,
+                   help="detections compared float vs int8 score at least this (default: %(default)s)")
+    s.add_argument("--latency-images", type=int, default=4, help="val images per timed run (default: %(default)s)")
     s.add_argument("--batch-sizes", default="1,2,4,32,64", help="peak-memory batch sizes (default: %(default)s)")
+    s.add_argument("--large-batch-image-size", type=int, help="image size of the peak-memory batches >= 32")
     s.add_argument("--compile", action="store_true", help="pt2e: torch.compile the int8 parts (int8 kernels)")
     s.add_argument("--figures", help="write the activation figures (fx backend) to this directory")
-    s.add_argument("--out", help="default: results/int8_frcnn_<name>_<backend>.json")
+    s.add_argument("--out", help="default: results/int8_<model>_<backend>.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_int8, writes=lambda a: Path(a.out).parent if a.out else PROJECT_ROOT / "results")
     return p
@@ -392,15 +401,20 @@ def cmd_int8(args: argparse.Namespace) -> None:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError:
         raise DetrqError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
-    cfg = Int8RunConfig(backend=args.backend, calib_images=args.calib_images, compile=args.compile,
-                        eval_images=args.eval_images, batch_sizes=batch_sizes, figures=args.figures, out=args.out)
+    cfg = Int8RunConfig(backend=args.backend, model=args.model, calib_images=args.calib_images, compile=args.compile,
+                        parts=tuple(args.parts.split(",")) if args.parts else None, image_size=args.image_size,
+                        eval_images=args.eval_images, agreement_score_thr=args.agreement_score_thr,
+                        latency_images=args.latency_images, batch_sizes=batch_sizes,
+                        large_batch_image_size=args.large_batch_image_size, figures=args.figures, out=args.out)
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
     r = run_int8(cfg, progress=not args.quiet)
-    mem = r["peak_memory_mb"]
-    print(f"{r['model']} {r['backend']}: size {r['size_reduction']:.1%} smaller, latency x{r['latency_ratio']:.2f}, "
-          f"AP {r['AP_float']:.4f} -> {r['AP_int8']:.4f}; peak RSS MB float/int8 "
-          + " ".join(f"b{b}:{mem['float'][b]:.0f}/{mem['int8'][b]:.0f}" for b in mem["float"]))
+    mem, bd = r["peak_memory_mb"], r["breakdown"]
+    ap = "" if r["AP_float"] is None else f", AP {r['AP_float']:.4f} -> {r['AP_int8']:.4f}"
+    print(f"{r['model']} {r['backend']}: size {r['size_reduction']:.1%} smaller, latency x{r['latency_ratio']:.2f} "
+          f"[IQR {r['latency']['ratio_iqr'][0]:.2f}-{r['latency']['ratio_iqr'][1]:.2f}] at {r['image_size']} px, "
+          f"{r['rois']['float_per_image']:.0f} RoIs/img{ap}; float stages floor x{bd['ratio_floor']:.2f}; "
+          "peak RSS MB float/int8 " + " ".join(f"b{b}:{mem['float'][b]:.0f}/{mem['int8'][b]:.0f}" for b in mem["float"]))
 
 
 def cmd_curve(args: argparse.Namespace) -> None:

@@ -32,13 +32,33 @@ def quant_curve_markdown(curve: dict[str, Any]) -> str:
 
 
 def int8_markdown(results: list[dict[str, Any]]) -> str:
-    """One row per INT8 backend result file."""
-    lines = ["| model | backend | size (int8/float) | latency (int8/float) | AP float | AP int8 |",
-             "|---|---|---:|---:|---:|---:|"]
+    """One row per INT8 result file: both models, every backend; AP only where the weights are trained."""
+    lines = ["| model | weights | backend | px | quantized parts | smaller | latency int8/float [IQR] | RoIs/img "
+             "| float stages floor | AP float | AP int8 | peak RSS b1 float / int8 (MB) |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['backend']} | {r['size_ratio']:.3f} | {r['latency_ratio']:.3f} | "
-                     f"{100 * r['AP_float']:.1f} | {100 * r['AP_int8']:.1f} |")
+        iqr = r["latency"].get("ratio_iqr")
+        lat = f"{r['latency_ratio']:.3f}" + (f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr else "")
+        rois = f"{r['rois']['float_per_image']:.0f}" if "rois" in r else "-"
+        floor = f"{r['breakdown']['ratio_floor']:.2f}" if "breakdown" in r else "-"
+        ap = ("-", "-") if r["AP_float"] is None else (f"{100 * r['AP_float']:.1f}", f"{100 * r['AP_int8']:.1f}")
+        mem = r["peak_memory_mb"]
+        lines.append(f"| {r['model']} | {'trained' if r.get('checkpoint_sha256') else 'random, BN recalibrated'} "
+                     f"| {r['backend']} | {r.get('image_size', '-')} | {', '.join(r['quantized_parts'])} "
+                     f"| {r['size_reduction']:.1%} | {lat} | {rois} | {floor} | {ap[0]} | {ap[1]} "
+                     f"| {mem['float']['1']:.0f} / {mem['int8']['1']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def int8_breakdown_markdown(results: list[dict[str, Any]]) -> str:
+    """The per-stage time breakdown of every fx run that has one."""
+    from detrq.int8.workflow import breakdown_markdown
+
+    shown = [r for r in results if r["backend"] == "fx" and "breakdown" in r]
+    if not shown:
+        return "_No fx INT8 result with a per-stage breakdown yet; run `python -m detrq int8`._\n"
+    return "\n\n".join(f"**{r['model']}** ({r['image_size']} px, {r['rois']['float_per_image']:.0f} RoIs per image), "
+                         f"ms per image:\n\n{breakdown_markdown(r)}" for r in shown) + "\n"
 
 
 def runtime_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
@@ -140,6 +160,7 @@ def sections(results_dir: str | Path) -> dict[str, str]:
         "runtime": runtime_markdown(runtimes) if runtimes else _missing("runtime_default.json"),
         "reproduction": _section(results, "reproduction_accepted.json", reproduction_markdown),
         "int8": int8_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),
+        "int8-breakdown": int8_breakdown_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),
     }
 
 

@@ -34,15 +34,16 @@ class LayerDiff:
     abs_diff_map: Tensor  # mean over channels of |float - int8|
     rel_diff_map: Tensor  # abs_diff_map / mean over channels of |float|, in percent
     sqnr_db: float  # 10 log10(sum float^2 / sum (float - int8)^2); inf when identical
-    float_values: Tensor  # flattened outputs, for the float-vs-int8 hexbin
+    float_values: Tensor  # flattened outputs (a strided sample of at most max_values), for the hexbin
     int8_values: Tensor
 
 
-def activation_diff(name: str, f: Tensor, q: Tensor, eps: float = 1e-6) -> LayerDiff:
+def activation_diff(name: str, f: Tensor, q: Tensor, eps: float = 1e-6, max_values: int = 20000) -> LayerDiff:
     """Compare one layer's float output ``f`` and int8 output ``q`` ([C, H, W] or [1, C, H, W]).
 
     The relative map divides by the float magnitude plus ``eps`` times its maximum, so that pixels where the
-    float activation is ~0 (e.g. after a ReLU) do not blow up to meaningless percentages.
+    float activation is ~0 (e.g. after a ReLU) do not blow up to meaningless percentages. Only a strided sample
+    of ``max_values`` values is kept for the hexbin: a ResNet-50 at 800 px has about 10^8 conv outputs.
     """
     f, q = f.detach().float().squeeze(0), q.detach().float().squeeze(0)
     if f.shape != q.shape or f.dim() != 3:
@@ -53,8 +54,9 @@ def activation_diff(name: str, f: Tensor, q: Tensor, eps: float = 1e-6) -> Layer
     mag = f.abs().mean(0)
     noise = float(err.pow(2).sum())
     sqnr = math.inf if noise == 0 else 10 * math.log10(float(f.pow(2).sum()) / noise)
+    step = max(1, f.numel() // max_values)
     return LayerDiff(name, f.mean(0), q.mean(0), abs_map, 100 * abs_map / (mag + eps * float(mag.max()) + 1e-12),
-                     sqnr, f.flatten(), q.flatten())
+                     sqnr, f.flatten()[::step].clone(), q.flatten()[::step].clone())
 
 
 def fused_float_reference(model: nn.Module) -> nn.Module:

@@ -84,7 +84,7 @@ def _drop_unused_float_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
 
 
 def pt2e_backend(compile: bool = False) -> Backend:
-    """torch.export (batch dimension dynamic) + ``prepare_pt2e/convert_pt2e`` with ``X86InductorQuantizer``.
+    """torch.export (every input dimension dynamic where the graph allows) + ``prepare_pt2e/convert_pt2e`` with ``X86InductorQuantizer``.
 
     The converted graph holds int8 weights and explicit quantize/dequantize ops; eager execution runs them as
     reference float ops, so it is accurate but slow. With ``compile``, each part goes through ``torch.compile``
@@ -100,7 +100,9 @@ def pt2e_backend(compile: bool = False) -> Backend:
 
     def prepare(module: nn.Module, example: tuple) -> nn.Module:
         untie_relus(module.eval())
-        dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example)
+        # Every dim dynamic where the graph allows: batch, the box head's RoI count, and the RPN head's
+        # per-level height and width (one module runs on every FPN level).
+        dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in example)
         exported = torch.export.export(module, example, dynamic_shapes=dynamic).module()
         return prepare_pt2e(exported, quantizer)
 

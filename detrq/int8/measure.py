@@ -40,7 +40,8 @@ def serialized_size(model: nn.Module) -> int:
 
 def paired_latency(float_fn: Callable[[], Any], int8_fn: Callable[[], Any], *, repeats: int = 7,
                    warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable and the median of the paired int8/float ratios, alternating the two."""
+    """Median seconds of each callable and the median and interquartile range of the paired int8/float ratios,
+    alternating the two."""
     if repeats < 5:
         raise DetrqError(f"paired_latency needs at least 5 repeats for a median, got {repeats}")
     times: dict[str, list[float]] = {"float": [], "int8": []}
@@ -52,8 +53,9 @@ def paired_latency(float_fn: Callable[[], Any], int8_fn: Callable[[], Any], *, r
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
     ratios = [q / f for f, q in zip(times["float"], times["int8"])]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
     return {"float_s": statistics.median(times["float"]), "int8_s": statistics.median(times["int8"]),
-            "ratio": statistics.median(ratios), "repeats": repeats}
+            "ratio": statistics.median(ratios), "ratio_iqr": [q1, q3], "repeats": repeats}
 
 
 def _make_inputs(kind: str, batch: int, size: int, seed: int):

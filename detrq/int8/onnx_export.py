@@ -1,6 +1,6 @@
 """ONNX export and onnxruntime execution of model parts, and the "onnxruntime" int8 backend.
 
-``export_onnx`` writes a module to ONNX (the dynamo exporter, batch dimension dynamic) and ``OrtModule`` runs
+``export_onnx`` writes a module to ONNX (the dynamo exporter, input dimensions dynamic) and ``OrtModule`` runs
 such a graph in onnxruntime behind an ``nn.Module`` interface that takes and returns torch tensors in the same
 structure (a dict of FPN levels stays a dict), so an ORT part can be dropped into a torchvision detector in place
 of the PyTorch part. The ONNX bytes are the module's one buffer: its serialized size is the graph's size.
@@ -26,9 +26,10 @@ from detrq.int8.quantize import Backend
 
 
 def export_onnx(module: nn.Module, example: tuple[Tensor, ...]) -> bytes:
-    """``module`` (eval mode) as ONNX bytes, with dim 0 of every input dynamic (batch, or the RoI count)."""
+    """``module`` (eval mode) as ONNX bytes, with every input dimension dynamic where the graph
+    allows (batch, the RoI count, an FPN level's height and width)."""
     module.eval()
-    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example)
+    dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic, verbose=False,

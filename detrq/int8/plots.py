@@ -1,7 +1,8 @@
 """Figures of float-vs-int8 behaviour: activation maps, difference maps, hexbins and per-layer SQNR.
 
-Each function takes the data (``LayerDiff`` lists, paired scores) and a path, writes one PNG and returns the path;
-the data behind a figure is what tests check, since images are not compared.
+Each ``plot_*`` function takes the data (``LayerDiff`` lists, paired scores) and a path, writes one PNG and
+returns the path; the data behind a figure is what tests check, since images are not compared. ``layer_figures``
+draws all four for any FX-quantized CNN: a classifier, or a detector's backbone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from detrq.int8.activations import LayerDiff  # noqa: E402
+from torch import nn  # noqa: E402
+
+from detrq.int8.activations import LayerDiff, compare_layers, fused_float_reference  # noqa: E402
 
 _ROWS = (("float_map", "float", "viridis"), ("int8_map", "int8", "viridis"),
          ("abs_diff_map", "|float - int8|", "magma"), ("rel_diff_map", "relative diff (%)", "magma"))
@@ -64,15 +67,16 @@ def plot_layer_maps(diffs: Sequence[LayerDiff], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_hexbins(diffs: Sequence[LayerDiff], scores: tuple[np.ndarray, np.ndarray], path: str | Path,
+def plot_hexbins(diffs: Sequence[LayerDiff], scores: tuple[np.ndarray, np.ndarray] | None, path: str | Path,
                  max_points: int = 20000) -> Path:
-    """Float vs int8 activations per layer (log-count hexbins) and float vs int8 detection scores (last panel)."""
-    n = len(diffs) + 1
-    cols = min(6, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.3 * rows), squeeze=False)
+    """Float vs int8 activations per layer (log-count hexbins) and, for a detector, float vs int8 detection
+    scores (last panel)."""
     panels = [(d.name, d.float_values.numpy(), d.int8_values.numpy()) for d in diffs]
-    panels.append(("detection scores", scores[0], scores[1]))
+    if scores is not None:
+        panels.append(("detection scores", scores[0], scores[1]))
+    cols = min(6, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.3 * rows), squeeze=False)
     for ax, (name, f, q) in zip(axes.flat, panels):
         # Strided subsample: keeps the plot light and deterministic.
         step = max(1, len(f) // max_points)
@@ -97,3 +101,23 @@ def plot_sqnr(diffs: Sequence[LayerDiff], path: str | Path) -> Path:
     ax.set_ylabel("SQNR (dB)")
     ax.set_title("int8 vs float, per conv layer")
     return _save(fig, path)
+
+
+def layer_figures(float_cnn: nn.Module, int8_cnn: nn.Module, x: Tensor, image: Tensor,
+                  scores: tuple[np.ndarray, np.ndarray] | None, fig_dir: str | Path, prefix: str) -> dict:
+    """The four layer figures of an FX-quantized CNN (``int8_cnn``, the int8 twin of ``float_cnn``) on one input
+    batch ``x`` of size 1 (``image``: the picture it came from, shown beside the first layer); ``scores``: the
+    detection-score pairs for a detector, None for a classifier. Returns per-layer SQNR and the file names."""
+    diffs = compare_layers(fused_float_reference(float_cnn), int8_cnn, x)
+    fig_dir = Path(fig_dir)
+    paths = [
+        plot_first_layer(image, diffs[0], fig_dir / f"{prefix}_first_layer.png"),
+        plot_layer_maps(diffs, fig_dir / f"{prefix}_layer_maps.png"),
+        plot_hexbins(diffs, scores, fig_dir / f"{prefix}_hexbin.png"),
+        plot_sqnr(diffs, fig_dir / f"{prefix}_sqnr.png"),
+    ]
+    return {"sqnr_db": {d.name: d.sqnr_db for d in diffs},
+            "mean_rel_diff_pct": {d.name: float(d.rel_diff_map.mean()) for d in diffs},
+            "min_sqnr_layer": min(diffs, key=lambda d: d.sqnr_db).name,
+            "median_sqnr_db": float(np.median([d.sqnr_db for d in diffs])),
+            "figures": [p.name for p in paths]}

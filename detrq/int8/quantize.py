@@ -2,14 +2,17 @@
 
 What gets quantized (``quantization_plan``):
 - a torchvision detector (anything with a CNN ``backbone`` and a ``transform``: Faster/Mask/Keypoint R-CNN,
-  RetinaNet, FCOS, SSD): the backbone with its FPN, and for two-stage models the box head's FC layers
-  (``roi_heads.box_head``, TwoMLPHead fc6/fc7), where nearly all the weights and FLOPs are;
+  RetinaNet, FCOS, SSD): the ``parts`` asked for, out of ``DETECTOR_PARTS``: "backbone" (with its FPN),
+  "rpn_head" (the RPN's 3x3 conv and its objectness and box-delta convs, run per FPN level), "box_head" (the
+  two-stage models' TwoMLPHead fc6/fc7, where most weights and FLOPs after the backbone are) and
+  "box_predictor" (the class-logit and box-regression linears). By default every part the model has.
+  The RPN head and the box predictor go through the FX-traceable stand-ins of ``detrq.int8.heads``;
 - a plain CNN (a module with Conv2d layers and no ``backbone``): the whole model.
-The rest of a detector stays float, for two reasons. The RPN (anchor decoding, top-k, NMS), RoI pooling
-(MultiScaleRoIAlign picks a level per box) and the post-processing are data-dependent control flow over boxes,
-and they have no int8 kernels: quantizing them would only add quantize/dequantize pairs. The final box predictor
-(class logits and box regressors) is tiny but the most sensitive layer, as the DETR-quantization paper keeps its
-class and box heads in float: its output errors go straight into the boxes and scores.
+The rest of a detector always stays float: anchor decoding, top-k and NMS, RoI pooling (MultiScaleRoIAlign picks
+a level per box) and the post-processing are data-dependent control flow over boxes with no int8 kernels, so
+quantizing them would only add quantize/dequantize pairs. The box predictor is the most error-sensitive layer
+(the DETR-quantization paper keeps its class and box heads in float); leave "box_predictor" out of ``parts`` to
+keep it float, and compare AP both ways.
 
 Backends: "fx" (``torch.ao`` FX graph mode, x86 qconfig; the fastest in eager mode), "pt2e" (``torch.export`` +
 torchao ``prepare_pt2e/convert_pt2e`` with ``X86InductorQuantizer``; needs ``torch.compile`` to be fast), and
@@ -24,36 +27,75 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detrq.errors import DetrqError
+from detrq.int8.heads import make_heads_traceable
 
 BACKENDS = ("fx", "pt2e", "onnxruntime")
+DETECTOR_PARTS = ("backbone", "rpn_head", "box_head", "box_predictor")
+# Where each part sits once ``make_heads_traceable`` has swapped in the stand-ins.
+_PART_PATHS = {"backbone": "backbone", "rpn_head": "rpn.head.level", "box_head": "roi_heads.box_head",
+               "box_predictor": "roi_heads.box_predictor"}
 
 
 @dataclass(frozen=True)
 class QuantizationPlan:
-    """Which submodules (dotted paths; "" is the whole model) get int8, and how the model takes a batch."""
+    """Which parts get int8, and how the model takes a batch."""
 
     kind: str  # "detector" (takes a list of [C, H, W] images) or "classifier" (takes a [N, C, H, W] batch)
-    targets: tuple[str, ...]
+    parts: tuple[str, ...]  # names from DETECTOR_PARTS, or ("",) for a classifier
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Module paths of the parts, in a model whose heads went through ``make_heads_traceable``."""
+        return tuple(_PART_PATHS.get(p, p) for p in self.parts)
 
 
 def _has(module: nn.Module, kind: type) -> bool:
     return any(isinstance(m, kind) for m in module.modules())
 
 
-def quantization_plan(model: nn.Module) -> QuantizationPlan:
-    """The parts of ``model`` that ``quantize_int8`` quantizes (see the module docstring for the policy)."""
+def _detector_parts(model: nn.Module) -> tuple[str, ...]:
+    """The ``DETECTOR_PARTS`` that ``model`` has (heads as torchvision builds them)."""
+    found = ["backbone"]
+    if isinstance(getattr(getattr(model, "rpn", None), "head", None), RPNHead):
+        found.append("rpn_head")
+    roi_heads = getattr(model, "roi_heads", None)
+    box_head = getattr(roi_heads, "box_head", None)
+    if isinstance(box_head, nn.Module) and _has(box_head, nn.Linear):
+        found.append("box_head")
+    if isinstance(getattr(roi_heads, "box_predictor", None), FastRCNNPredictor):
+        found.append("box_predictor")
+    return tuple(found)
+
+
+def quantization_plan(model: nn.Module, parts: Sequence[str] | None = None) -> QuantizationPlan:
+    """The parts of ``model`` that ``quantize_int8`` quantizes (see the module docstring for the policy).
+
+    ``parts`` (detectors only) names a subset of ``DETECTOR_PARTS``; None takes every part the model has.
+    """
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, nn.Module) and hasattr(model, "transform"):
         if not _has(backbone, nn.Conv2d):
             raise DetrqError(f"{type(model).__name__}.backbone has no Conv2d layer; int8 PTQ here is for CNN backbones")
-        targets = ["backbone"]
-        box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
-        if isinstance(box_head, nn.Module) and _has(box_head, nn.Linear):
-            targets.append("roi_heads.box_head")
-        return QuantizationPlan("detector", tuple(targets))
+        present = _detector_parts(model)
+        if parts is None:
+            parts = present
+        unknown = [p for p in parts if p not in DETECTOR_PARTS]
+        if unknown:
+            raise DetrqError(f"unknown parts {unknown}; choose from {', '.join(DETECTOR_PARTS)}")
+        absent = [p for p in parts if p not in present]
+        if absent:
+            raise DetrqError(f"{type(model).__name__} has no {', '.join(absent)} to quantize; it has "
+                             f"{', '.join(present)}")
+        if not parts:
+            raise DetrqError("parts is empty; name at least one of " + ", ".join(present))
+        return QuantizationPlan("detector", tuple(p for p in DETECTOR_PARTS if p in parts))
+    if parts is not None:
+        raise DetrqError(f"parts= is for detectors; {type(model).__name__} is quantized whole")
     if _has(model, nn.Conv2d):
         return QuantizationPlan("classifier", ("",))
     raise DetrqError(f"{type(model).__name__} has no CNN backbone (no Conv2d layer); quantize_int8 takes a "
@@ -93,8 +135,15 @@ def capture_inputs(model: nn.Module, targets: Sequence[str], batch) -> dict[str,
     if targets == ("",):
         return {"": (batch,)}
     seen: dict[str, tuple] = {}
-    hooks = [model.get_submodule(t).register_forward_pre_hook(
-        lambda _m, args, t=t: seen.setdefault(t, tuple(a.detach() for a in args))) for t in targets]
+
+    def keep_first(target: str):
+        def hook(_m, args):
+            # Returns None: a pre-hook's return value would replace the arguments of later calls (the RPN head
+            # runs once per FPN level).
+            seen.setdefault(target, tuple(a.detach() for a in args))
+        return hook
+
+    hooks = [model.get_submodule(t).register_forward_pre_hook(keep_first(t)) for t in targets]
     try:
         with torch.no_grad():
             model(batch)
@@ -139,19 +188,20 @@ def _check_compile(backend: str, compile: bool) -> None:
 
 
 def quantize_int8(model: nn.Module, calib_images: Sequence[Tensor] | Tensor, backend: str = "fx", *,
-                  batch_size: int = 8, compile: bool = False) -> nn.Module:
+                  parts: Sequence[str] | None = None, batch_size: int = 8, compile: bool = False) -> nn.Module:
     """An int8 copy of ``model`` calibrated on ``calib_images`` ([C, H, W] images, [0, 1] for detectors).
 
     The float model is left untouched. The copy takes the same inputs and returns the same structure, so the
     same evaluation code scores it. Activations are calibrated with min/max (histogram for fx's default x86
     qconfig) observers over all calibration images, in batches of ``batch_size``. ``compile`` (pt2e only) wraps
-    each int8 part in ``torch.compile`` with frozen weights; it compiles on the first call.
+    each int8 part in ``torch.compile`` with frozen weights; it compiles on the first call. ``parts``: see
+    ``quantization_plan``.
     """
     _check_compile(backend, compile)
     backend_impl = _backend(backend, compile)
-    plan = quantization_plan(model)
+    plan = quantization_plan(model, parts)
     batches = calibration_batches(plan, calib_images, batch_size)
-    qmodel = fold_frozen_batchnorm(copy.deepcopy(model)).eval()
+    qmodel = make_heads_traceable(fold_frozen_batchnorm(copy.deepcopy(model))).eval()
     examples = capture_inputs(qmodel, plan.targets, batches[0])
     prepared = {t: backend_impl.prepare(qmodel.get_submodule(t), examples[t]) for t in plan.targets}
     if plan.targets == ("",):

@@ -1,10 +1,12 @@
 """The end-to-end INT8 run behind ``python -m detrq int8`` and ``notebooks/06_int8_faster_rcnn.ipynb``.
 
-``run_int8`` loads the trained Faster R-CNN, quantizes it with one backend on a class-balanced calibration set
-from the train split, and measures on the val split: serialized size, paired CPU latency per image, peak memory
-per batch size (fresh subprocesses), COCO mAP float vs int8 (the shared ``coco_metrics``) and the per-image
-relative error of the detections; the record goes to ``results/int8_<model>_<backend>.json``.
-``activation_figures`` draws the float-vs-int8 layer figures (FX backend).
+``run_int8`` builds the float detector (the trained narrow Faster R-CNN, or a stock torchvision architecture with
+random weights, ``detrq.int8.stock``), quantizes the asked-for parts with one backend on a class-balanced
+calibration set from the train split, and measures on the val split: serialized size, paired CPU latency per
+image, the per-stage time and output breakdown (``detrq.int8.stages``), peak memory per batch size (fresh
+subprocesses), COCO mAP float vs int8 (trained model only) and the per-image relative error of the detections;
+the record goes to ``results/int8_<model>_<backend>.json``. ``activation_figures`` draws the float-vs-int8 layer
+figures (FX backend).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,12 +24,13 @@ from detrq.cache import cache_key, load_cached
 from detrq.data.coco import class_balanced_subset
 from detrq.errors import DetrqError
 from detrq.int8 import plots
-from detrq.int8.activations import compare_layers, fused_float_reference
 from detrq.int8.data import detection_dataset
-from detrq.int8.detect import Detections, detection_agreement, evaluate_detector, paired_scores
+from detrq.int8.detect import Detections, detection_agreement, evaluate_detector, paired_scores, run_detector
 from detrq.int8.detector import load_frcnn
 from detrq.int8.measure import paired_latency, peak_memory, serialized_size
-from detrq.int8.quantize import BACKENDS, quantization_plan, quantize_int8
+from detrq.int8.quantize import BACKENDS, DETECTOR_PARTS, quantization_plan, quantize_int8
+from detrq.int8.stages import compare_breakdowns, stage_breakdown
+from detrq.int8.stock import STOCK_IMAGE_SIZE, STOCK_MODELS, build_stock
 from detrq.results import environment, sha256_file, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +40,7 @@ DEFAULT_DATA = PROJECT_ROOT / "data" / "synthetic"
 # where the outputs went is not stored, so a results file reads the same from any run directory.
 _PATH_FIELDS = ("checkpoint", "data", "figures", "out")
 _OUTPUT_FIELDS = ("figures", "out")
+_LARGE_BATCH = 32  # batches from this size on may run at Int8RunConfig.large_batch_image_size
 TARGETS = {"size_reduction_min": 0.74, "latency_ratio_max": 0.5, "AP_loss_points_max": 1.0}
 
 
@@ -46,19 +49,41 @@ class Int8RunConfig:
     """Inputs of one INT8 run; stored in its results file."""
 
     backend: str = "fx"
+    # "narrow": the trained checkpoint; or one of stock.STOCK_MODELS (torchvision's architecture, random weights
+    # with BN statistics recalibrated on the calibration images; no AP)
+    model: str = "narrow"
     checkpoint: str = str(DEFAULT_CHECKPOINT)
     data: str = str(DEFAULT_DATA)
+    parts: tuple[str, ...] | None = None  # detector parts to quantize (quantize.DETECTOR_PARTS); None = all
+    image_size: int | None = None  # None: the checkpoint's (narrow) or torchvision's evaluation size (stock)
+    seed: int = 0  # stock models: the random weights
     calib_images: int = 32  # class-balanced from the train split
     calib_seed: int = 0
     compile: bool = False  # pt2e only: torch.compile the int8 parts (what makes pt2e fast)
     eval_images: int | None = None  # first N val images; None = all
+    agreement_score_thr: float = 0.5  # detections compared float vs int8 (random weights score about 1/91)
     latency_images: int = 4  # one run = these images one at a time (batch 1); time / images = per image
     latency_repeats: int = 7
+    breakdown_repeats: int = 3  # passes over the latency images of the per-stage breakdown
     batch_sizes: tuple[int, ...] = (1, 2, 4, 32, 64)
+    # batches of at least 32 are measured at this image size (model and inputs) where set: memory and time
+    large_batch_image_size: int | None = None
     threads: int = 1
     figures: str | None = None  # directory for the activation figures (fx backend); None = no figures
     figure_image: int = 0  # val index of the image the activation figures show
-    out: str | None = None  # default results/int8_frcnn_<name>_<backend>.json
+    out: str | None = None  # default results/int8_<model>_<backend>.json
+
+
+@dataclass(frozen=True)
+class FloatModel:
+    """The float detector of a run and what identifies it."""
+
+    model: nn.Module
+    name: str  # "frcnn_narrow" or the torchvision builder's name
+    image_size: int
+    checkpoint_sha256: str | None  # None for random weights
+    calib: list[Tensor]  # the calibration images (stock models: also their BN statistics)
+    calib_ids: list[int]
 
 
 def resolve(path: str | Path) -> Path:
@@ -77,15 +102,30 @@ def calibration_images(data: str | Path, n: int, seed: int, size: int) -> tuple[
     return [train[index[i]][0] for i in ids], ids
 
 
-def build_model(checkpoint: str, backend: str | None = None, data: str = str(DEFAULT_DATA), calib_images: int = 32,
-                calib_seed: int = 0, compile: bool = False) -> nn.Module:
-    """The float model (``backend`` None) or its int8 twin, built deterministically from plain arguments:
-    the factory that ``peak_memory``'s subprocesses call."""
-    model, cfg, _ = load_frcnn(checkpoint)
-    if backend is None:
-        return model
-    images, _ = calibration_images(data, calib_images, calib_seed, cfg.image_size)
-    return quantize_int8(model, images, backend, compile=compile)
+def float_model(cfg: Int8RunConfig) -> FloatModel:
+    """The run's float detector (eval mode) with its calibration images."""
+    if cfg.model == "narrow":
+        model, mcfg, sha = load_frcnn(resolve(cfg.checkpoint))
+        size = cfg.image_size or mcfg.image_size
+        if size != mcfg.image_size:
+            model.transform.min_size, model.transform.max_size = (size,), size
+        calib, ids = calibration_images(resolve(cfg.data), cfg.calib_images, cfg.calib_seed, size)
+        return FloatModel(model, f"frcnn_{mcfg.name}", size, sha, calib, ids)
+    if cfg.model not in STOCK_MODELS:
+        raise DetrqError(f"unknown model {cfg.model!r}; use 'narrow' or one of {', '.join(STOCK_MODELS)}")
+    size = cfg.image_size or STOCK_IMAGE_SIZE
+    calib, ids = calibration_images(resolve(cfg.data), cfg.calib_images, cfg.calib_seed, size)
+    return FloatModel(build_stock(cfg.model, size, cfg.seed, calib), cfg.model, size, None, calib, ids)
+
+
+def build_model(config: dict[str, Any], quantized: bool) -> nn.Module:
+    """The float model of the run ``config`` (an ``Int8RunConfig`` as a dict), or its int8 twin: built
+    deterministically, the factory that ``peak_memory``'s subprocesses call."""
+    cfg = Int8RunConfig(**config)
+    fm = float_model(cfg)
+    if not quantized:
+        return fm.model
+    return quantize_int8(fm.model, fm.calib, cfg.backend, parts=cfg.parts, compile=cfg.compile)
 
 
 def _size_report(model: nn.Module, qmodel: nn.Module) -> dict[str, Any]:
@@ -93,11 +133,30 @@ def _size_report(model: nn.Module, qmodel: nn.Module) -> dict[str, Any]:
     return {"size_bytes": {"float": f, "int8": q}, "size_ratio": q / f, "size_reduction": 1 - q / f}
 
 
-def _cache_key(cfg: Int8RunConfig, checkpoint_sha: str) -> str:
+def _cache_key(cfg: Int8RunConfig, checkpoint_sha: str | None) -> str:
     """Everything that determines a run's numbers: the config (not where files go), checkpoint and val labels."""
     ann = Path(cfg.data) / "annotations" / "instances_val.json"
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "checkpoint", "data", "figures")}
     return cache_key(settings=settings, checkpoint=checkpoint_sha, val=sha256_file(ann) if ann.is_file() else None)
+
+
+def _peak_memory(cfg: Int8RunConfig, image_size: int) -> dict[str, Any]:
+    """Peak RSS of float and int8 per batch size, each in a fresh subprocess; large batches at
+    ``cfg.large_batch_image_size`` where set. Also records the image size each batch ran at."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OUTPUT_FIELDS}
+    groups: dict[int, list[int]] = {}
+    for b in cfg.batch_sizes:
+        size = cfg.large_batch_image_size if cfg.large_batch_image_size and b >= _LARGE_BATCH else image_size
+        groups.setdefault(size, []).append(b)
+    detail: dict[str, dict[str, Any]] = {"float": {}, "int8": {}}
+    for size, batches in groups.items():
+        for name, quantized in (("float", False), ("int8", True)):
+            detail[name].update(peak_memory("detrq.int8.workflow:build_model",
+                                            {"config": {**config, "image_size": size}, "quantized": quantized},
+                                            "detector", batches, size, threads=cfg.threads))
+    return {"peak_memory_mb": {k: {b: v["peak_rss_mb"] for b, v in m.items()} for k, m in detail.items()},
+            "peak_memory_image_size": {str(b): s for s, bs in groups.items() for b in bs},
+            "peak_memory_detail": detail}
 
 
 def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> dict[str, Any]:
@@ -106,76 +165,88 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     With ``reuse``, an existing results file with the same inputs (``cache_key``) and its figures are returned
     as they are instead of being recomputed (nbval re-runs the notebook this way in seconds).
     The onnxruntime backend adds an "onnx" section: float and int8 ONNX parts run in onnxruntime, their
-    latency and their agreement with PyTorch.
+    latency and their agreement with PyTorch. AP is measured for the trained model only: a stock model has
+    random weights, so its float-vs-int8 comparison is the detection agreement and the activation maps.
     """
     if cfg.backend not in BACKENDS:
         raise DetrqError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
     torch.set_num_threads(cfg.threads)
     cfg = dataclasses.replace(cfg, **{k: str(resolve(getattr(cfg, k))) for k in _PATH_FIELDS
                                       if getattr(cfg, k) is not None})
-    model, mcfg, sha = load_frcnn(cfg.checkpoint)
-    out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_frcnn_{mcfg.name}_{cfg.backend}.json")
-    key = _cache_key(cfg, sha)
+    fm = float_model(cfg)
+    model, trained = fm.model, fm.checkpoint_sha256 is not None
+    out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_{fm.name}_{cfg.backend}.json")
+    key = _cache_key(cfg, fm.checkpoint_sha256)
     cached = load_cached(out, key) if reuse else None
     if cached is not None:
         figures = cached.get("activations", {}).get("figures", [])
         if cfg.figures is None or (figures and all((Path(cfg.figures) / f).is_file() for f in figures)):
             return cached
-    val = detection_dataset(cfg.data, "val", mcfg.image_size, max_images=cfg.eval_images)
-    calib, calib_ids = calibration_images(cfg.data, cfg.calib_images, cfg.calib_seed, mcfg.image_size)
+    plan = quantization_plan(model, cfg.parts)
+    val = detection_dataset(cfg.data, "val", fm.image_size, max_images=cfg.eval_images)
     t0 = time.perf_counter()
-    qmodel = quantize_int8(model, calib, cfg.backend, compile=cfg.compile)
+    qmodel = quantize_int8(model, fm.calib, cfg.backend, parts=plan.parts, compile=cfg.compile)
     quantize_s = time.perf_counter() - t0
 
-    ev_f = evaluate_detector(model, val, progress=progress)
-    ev_q = evaluate_detector(qmodel, val, progress=progress)
+    if trained:
+        ev_f = evaluate_detector(model, val, progress=progress)
+        ev_q = evaluate_detector(qmodel, val, progress=progress)
+        dets_f, dets_q = ev_f["detections"], ev_q["detections"]
+        ap = {"AP_float": ev_f["metrics"]["AP"], "AP_int8": ev_q["metrics"]["AP"],
+              "AP_loss_points": 100 * (ev_f["metrics"]["AP"] - ev_q["metrics"]["AP"]),
+              "metrics_float": ev_f["metrics"], "metrics_int8": ev_q["metrics"]}
+    else:
+        dets_f, dets_q = run_detector(model, val, progress=progress), run_detector(qmodel, val, progress=progress)
+        ap = {"AP_float": None, "AP_int8": None, "AP_loss_points": None,
+              "AP_note": "random weights (torchvision's pretrained weights cannot be downloaded here): AP is "
+                         "meaningless and not measured"}
     lat_images = [val[i][0] for i in range(cfg.latency_images)]
     latency = paired_latency(lambda: [model([im]) for im in lat_images], lambda: [qmodel([im]) for im in lat_images],
                              repeats=cfg.latency_repeats)
     latency = {"float_s_per_image": latency["float_s"] / cfg.latency_images,
                "int8_s_per_image": latency["int8_s"] / cfg.latency_images,
-               "ratio": latency["ratio"], "repeats": latency["repeats"], "images_per_run": cfg.latency_images}
-    kwargs = {"checkpoint": cfg.checkpoint, "data": cfg.data, "calib_images": cfg.calib_images,
-              "calib_seed": cfg.calib_seed, "compile": cfg.compile}
-    memory = {name: peak_memory("detrq.int8.workflow:build_model", {**kwargs, "backend": backend}, "detector",
-                                cfg.batch_sizes, mcfg.image_size, threads=cfg.threads)
-              for name, backend in (("float", None), ("int8", cfg.backend))}
+               "ratio": latency["ratio"], "ratio_iqr": latency["ratio_iqr"], "repeats": latency["repeats"],
+               "images_per_run": cfg.latency_images, "image_size": fm.image_size}
+    bd_f, bd_q = (stage_breakdown(m, lat_images, cfg.breakdown_repeats) for m in (model, qmodel))
+    memory = _peak_memory(cfg, fm.image_size)
 
-    ap_f, ap_q = ev_f["metrics"]["AP"], ev_q["metrics"]["AP"]
     sizes = _size_report(model, qmodel)
     record = {
-        "model": f"frcnn_{mcfg.name}",
+        "model": fm.name,
         "backend": cfg.backend,
-        "quantized_parts": list(quantization_plan(model).targets),
-        "float_parts": "rpn, roi pooling, box predictor, transform and post-processing",
+        "weights": "trained checkpoint" if trained else
+                   f"random (seed {cfg.seed}), BN statistics recalibrated on the {cfg.calib_images} calibration images",
+        "image_size": fm.image_size,
+        "quantized_parts": list(plan.parts),
+        "float_parts": "transform, anchors/box decoding/NMS of the RPN, RoIAlign, post-processing"
+                       + "".join(f", {p}" for p in DETECTOR_PARTS if p not in plan.parts),
         **sizes,
         "latency_ratio": latency["ratio"],
         "latency": latency,
-        "AP_float": ap_f,
-        "AP_int8": ap_q,
-        "AP_loss_points": 100 * (ap_f - ap_q),
-        "metrics_float": ev_f["metrics"],
-        "metrics_int8": ev_q["metrics"],
-        "detection_error": detection_agreement(ev_f["detections"], ev_q["detections"]),
-        "peak_memory_mb": {k: {b: v["peak_rss_mb"] for b, v in m.items()} for k, m in memory.items()},
-        "peak_memory_detail": memory,
+        **ap,
+        "detection_error": detection_agreement(dets_f, dets_q, score_thr=cfg.agreement_score_thr),
+        "breakdown": {"float": bd_f, "int8": bd_q, **compare_breakdowns(bd_f, bd_q, plan.parts)},
+        "rois": {"float_per_image": bd_f["rois_per_image"], "int8_per_image": bd_q["rois_per_image"],
+                 "policy": "not forced: the RPN's own output after NMS (torchvision's 1000 post-NMS proposals "
+                           "at test time), measured on the latency images and recorded here"},
+        **memory,
         "targets": {**TARGETS,
                     "size_met": sizes["size_reduction"] >= TARGETS["size_reduction_min"],
                     "latency_met": latency["ratio"] <= TARGETS["latency_ratio_max"],
-                    "AP_met": 100 * (ap_f - ap_q) <= TARGETS["AP_loss_points_max"]},
+                    "AP_met": ap["AP_loss_points"] <= TARGETS["AP_loss_points_max"] if trained else None},
         "quantize_s": quantize_s,
         "calibration": {"split": "train", "num_images": cfg.calib_images, "seed": cfg.calib_seed,
-                        "image_ids": calib_ids, "policy": "class_balanced_subset"},
-        "checkpoint": Path(cfg.checkpoint).name,
-        "checkpoint_sha256": sha,
+                        "image_ids": fm.calib_ids, "policy": "class_balanced_subset"},
+        "checkpoint": Path(cfg.checkpoint).name if trained else None,
+        "checkpoint_sha256": fm.checkpoint_sha256,
         "config": {k: _repo_relative(v) if k in _PATH_FIELDS else v for k, v in dataclasses.asdict(cfg).items()
                    if k not in _OUTPUT_FIELDS},
         "environment": environment(),
         "cache_key": key,
     }
     if cfg.figures is not None:
-        record["activations"] = activation_figures(model, qmodel, val[cfg.figure_image][0], ev_f["detections"],
-                                                   ev_q["detections"], cfg.figures)
+        record["activations"] = activation_figures(model, qmodel, val[cfg.figure_image][0], dets_f, dets_q,
+                                                   cfg.figures, "int8" if cfg.model == "narrow" else f"int8_{fm.name}")
     if cfg.backend == "onnxruntime":
         from detrq.int8.onnx_export import onnx_report
 
@@ -194,51 +265,64 @@ def _repo_relative(path: str | None) -> str | None:
 
 def activation_figures(model: nn.Module, qmodel: nn.Module, image: Tensor, float_dets: Detections,
                        int8_dets: Detections, fig_dir: str | Path, prefix: str = "int8") -> dict[str, Any]:
-    """The four layer figures for one image of an FX-quantized detector; returns per-layer SQNR and the file
-    names (inside ``fig_dir``).
-
-    Layers compared: every conv of the backbone and FPN, each int8 layer fed the float layer's input.
-    """
+    """The four layer figures for one image of an FX-quantized detector (``plots.layer_figures`` on the backbone
+    and FPN, the last hexbin panel the detection scores); returns per-layer SQNR and the file names."""
     if not isinstance(qmodel.backbone, torch.fx.GraphModule) or not any(
             "quantized" in type(m).__module__ for m in qmodel.backbone.modules()):
         raise DetrqError("activation figures need an FX-quantized model (backend 'fx')")
     x = model.transform([image])[0].tensors
-    diffs = compare_layers(fused_float_reference(model.backbone), qmodel.backbone, x)
-    fig_dir = Path(fig_dir)
-    paths = [
-        plots.plot_first_layer(image, diffs[0], fig_dir / f"{prefix}_first_layer.png"),
-        plots.plot_layer_maps(diffs, fig_dir / f"{prefix}_layer_maps.png"),
-        plots.plot_hexbins(diffs, paired_scores(float_dets, int8_dets), fig_dir / f"{prefix}_hexbin.png"),
-        plots.plot_sqnr(diffs, fig_dir / f"{prefix}_sqnr.png"),
-    ]
-    return {"sqnr_db": {d.name: d.sqnr_db for d in diffs},
-            "mean_rel_diff_pct": {d.name: float(d.rel_diff_map.mean()) for d in diffs},
-            "min_sqnr_layer": min(diffs, key=lambda d: d.sqnr_db).name,
-            "median_sqnr_db": float(np.median([d.sqnr_db for d in diffs])),
-            "figures": [p.name for p in paths]}
+    return plots.layer_figures(model.backbone, qmodel.backbone, x, image, paired_scores(float_dets, int8_dets),
+                               fig_dir, prefix)
+
+
+def _ap_cell(r: dict[str, Any]) -> str:
+    return "-" if r["AP_float"] is None else f"{r['AP_float']:.4f} / {r['AP_int8']:.4f}"
 
 
 def int8_markdown(records: dict[str, dict[str, Any]]) -> str:
-    """A markdown table of the runs (one row per backend): size, latency, peak memory, mAP, detection error."""
+    """A markdown table of the runs (one row per run): size, paired latency, RoIs, peak memory, mAP, detection
+    error. Peak-memory columns are those of the first run's batch sizes."""
     batches = list(next(iter(records.values()))["peak_memory_mb"]["float"])
-    head = ("| backend | size float / int8 (MB) | smaller | latency float / int8 (ms/img) | ratio | AP float | AP int8 "
-            "| box rel. error | " + " | ".join(f"peak RSS b{b} f/i (MB)" for b in batches) + " |")
-    rows = [head, "|" + "---|" * (8 + len(batches))]
-    for backend, r in records.items():
+    head = ("| run | px | size float / int8 (MB) | smaller | latency float / int8 (ms/img) | ratio [IQR] | RoIs/img "
+            "| AP float / int8 | box rel. error | " + " | ".join(f"peak RSS b{b} f/i (MB)" for b in batches) + " |")
+    rows = [head, "|" + "---|" * (9 + len(batches))]
+    for label, r in records.items():
         lat, mem, err = r["latency"], r["peak_memory_mb"], r["detection_error"]["box_rel_error"]
+        sizes = r["peak_memory_image_size"]
+        iqr = lat["ratio_iqr"]
+        err_cell = "-" if err["mean"] is None else f"{err['mean']:.2%} ± {err['std']:.2%}"
         rows.append(
-            f"| {backend} | {r['size_bytes']['float'] / 1e6:.2f} / {r['size_bytes']['int8'] / 1e6:.2f} "
+            f"| {label} | {r['image_size']} | {r['size_bytes']['float'] / 1e6:.2f} / {r['size_bytes']['int8'] / 1e6:.2f} "
             f"| {r['size_reduction']:.1%} | {lat['float_s_per_image'] * 1e3:.1f} / {lat['int8_s_per_image'] * 1e3:.1f} "
-            f"| {r['latency_ratio']:.2f} | {r['AP_float']:.4f} | {r['AP_int8']:.4f} "
-            f"| {err['mean']:.2%} ± {err['std']:.2%} | "
-            + " | ".join(f"{mem['float'][b]:.0f} / {mem['int8'][b]:.0f}" for b in batches) + " |")
+            f"| {r['latency_ratio']:.2f} [{iqr[0]:.2f}-{iqr[1]:.2f}] | {r['rois']['float_per_image']:.0f} "
+            f"| {_ap_cell(r)} | {err_cell} | "
+            + " | ".join(f"{mem['float'][b]:.0f} / {mem['int8'][b]:.0f}"
+                         + ("" if sizes[b] == r["image_size"] else f" ({sizes[b]} px)") for b in batches) + " |")
     return "\n".join(rows)
+
+
+def breakdown_markdown(record: dict[str, Any]) -> str:
+    """Per-stage ms per image, float and int8, with the ratio and the floor the float stages set."""
+    bd = record["breakdown"]
+    f, q = bd["float"]["s_per_image"], bd["int8"]["s_per_image"]
+    rows = ["| stage | float (ms) | int8 (ms) | int8/float | output float / int8 (MB) |", "|---|---:|---:|---:|---:|"]
+    for stage in f:
+        ratio = bd["stage_ratio"][stage]
+        out_f, out_q = bd["float"]["output_mb"].get(stage), bd["int8"]["output_mb"].get(stage)
+        rows.append(f"| {stage}{'' if stage in bd['float_stages'] else ' (int8)'} | {f[stage] * 1e3:.1f} "
+                    f"| {q[stage] * 1e3:.1f} | {'-' if ratio is None else f'{ratio:.2f}'} "
+                    f"| {'-' if out_f is None else f'{out_f:.1f} / {out_q:.1f}'} |")
+    rows.append(f"| total | {bd['float']['total_s_per_image'] * 1e3:.1f} | {bd['int8']['total_s_per_image'] * 1e3:.1f} "
+                f"| {bd['ratio']:.2f} | |")
+    return "\n".join(rows) + (f"\n\nThe stages left in float take {bd['ratio_floor']:.2f} of the float total in the "
+                               "int8 model: the ratio cannot go below that however fast the int8 stages run.")
 
 
 def int8_summary(records: dict[str, dict[str, Any]]) -> str:
     """Short, rounded lines of the machine-independent numbers (sizes, mAP): what nbval compares."""
     lines = []
-    for backend, r in records.items():
-        lines.append(f"{backend}: {r['size_reduction']:.1%} smaller, AP {r['AP_float']:.3f} -> {r['AP_int8']:.3f} "
-                     f"(loss {r['AP_loss_points']:.1f} points), quantized {', '.join(r['quantized_parts'])}")
+    for label, r in records.items():
+        ap = "" if r["AP_float"] is None else (f", AP {r['AP_float']:.3f} -> {r['AP_int8']:.3f} "
+                                              f"(loss {r['AP_loss_points']:.1f} points)")
+        lines.append(f"{label}: {r['size_reduction']:.1%} smaller{ap}, quantized {', '.join(r['quantized_parts'])}")
     return "\n".join(lines)
