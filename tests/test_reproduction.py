@@ -86,6 +86,15 @@ def test_traces_ignore_noise_level_layers_but_not_resolved_ones():
     assert worst == pytest.approx(0.1)
 
 
+def test_traces_at_float_rounding_of_zero_are_not_compared():
+    # A layer resolved against its tiny stderr, but at 1e-18 of the largest trace: rounding of a zero.
+    old = {"a": {"trace": 1.0, "stderr": 0.1}, "z": {"trace": 8e-18, "stderr": 3e-19}}
+    new = {"a": {"trace": 1.0, "stderr": 0.1}, "z": {"trace": 7e-18, "stderr": 3e-19}}
+    assert rp.trace_difference(old, new)[0] == pytest.approx(0.125)
+    worst, n, equal = rp.trace_difference(old, new, floor=rp.Tolerances().trace_floor)
+    assert (worst, n, equal) == (0.0, 1, False)
+
+
 def test_missing_int8_run_is_not_run_not_differs(tmp_path):
     committed = _results(tmp_path / "results")
     report = rp.compare_runs(committed, {"default": _run(tmp_path, "default"), "int8": tmp_path / "runs" / "int8"})
