@@ -203,3 +203,15 @@ def test_frcnn_training_resumes_to_identical_weights(tmp_path, monkeypatch):
     # weights, not file hashes: torch.save names the archive's records after the file
     a, b = (torch.load(tmp_path / n, weights_only=True)["model"] for n in ("a.pth", "b.pth"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_onnx_report_finds_every_quantized_part_of_a_detector():
+    """onnxruntime with every part, the RPN head included: the report compares each part at the paths the
+    quantized model has (the per-level RPN head stand-in), not the float model's."""
+    from detrq.int8.onnx_export import onnx_report
+
+    model = tiny_detector()
+    q = quantize_int8(model, calib(4, 64), "onnxruntime", batch_size=2)
+    report = onnx_report(model, q, calib(1, 64), repeats=5)
+    assert {"backbone", "rpn.head.level", "roi_heads.box_head", "roi_heads.box_predictor"} <= set(report)
+    assert all(r["onnx_bytes"]["int8_qdq"] < r["onnx_bytes"]["float"] for r in report.values())

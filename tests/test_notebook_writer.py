@@ -6,8 +6,9 @@ import json
 import re
 
 import nbformat
+import pytest
 
-from detrq.notebooks import INJECTED_ID, run_notebooks
+from detrq.notebooks import ALL_NOTEBOOKS, INJECTED_ID, NOTEBOOK_DIR, run_notebooks
 from detrq.paths import PROJECT_ROOT
 
 
@@ -49,3 +50,17 @@ def test_committed_results_and_notebooks_hold_no_machine_paths():
     files = sorted((PROJECT_ROOT / "results").glob("*.json")) + sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
     found = {p.name: hits[:2] for p in files if (hits := _machine_paths(p.read_text()))}
     assert not found, f"absolute paths in committed files: {found}"
+
+
+@pytest.mark.parametrize("name", ALL_NOTEBOOKS)
+def test_papermill_sees_every_parameter_of_the_parameters_cell(name):
+    # papermill drops a parameter whose help comment it cannot parse (an apostrophe, a '='), and a dropped name
+    # makes params/*.yaml reject that key; compare its list with the names the cell assigns.
+    import ast
+
+    import papermill
+
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    cell = next(c for c in nbformat.read(str(path), as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+    assert list(papermill.inspect_notebook(str(path))) == assigned

@@ -152,11 +152,13 @@ def onnx_report(model: nn.Module, qmodel: nn.Module, images: list[Tensor], repea
     export run in onnxruntime and its int8 QDQ graph, timed as a pair on the inputs the part gets from
     ``images``, and compared with the PyTorch float part (max abs difference, SQNR in dB) and ONNX sizes."""
     from detrq.int8.measure import paired_latency
-    from detrq.int8.quantize import capture_inputs
+    from detrq.int8.quantize import capture_inputs, traceable_copy
 
     parts = [name for name, m in qmodel.named_modules() if isinstance(m, OrtModule)]
     if not parts:
         raise DetrqError("onnx_report needs a model quantized with backend 'onnxruntime'")
+    # The parts live at the paths of the traceable copy the backend quantized (the RPN head per level).
+    model = traceable_copy(model)
     inputs = capture_inputs(model, tuple(parts), images)
     report = {}
     for name in parts:

@@ -102,6 +102,12 @@ def quantization_plan(model: nn.Module, parts: Sequence[str] | None = None) -> Q
                      "torchvision detector with a CNN backbone or a CNN classifier")
 
 
+def traceable_copy(model: nn.Module) -> nn.Module:
+    """The float model as the backends quantize it: a copy with frozen BN folded and the heads made traceable,
+    so that its part paths (``QuantizationPlan.targets``) and their inputs are the quantized model's."""
+    return make_heads_traceable(fold_frozen_batchnorm(copy.deepcopy(model))).eval()
+
+
 def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every FrozenBatchNorm2d (pretrained torchvision backbones) by an eval-mode BatchNorm2d with the
     same statistics, in place, so that the backends fuse it into the preceding conv like any BatchNorm."""
@@ -201,7 +207,7 @@ def quantize_int8(model: nn.Module, calib_images: Sequence[Tensor] | Tensor, bac
     backend_impl = _backend(backend, compile)
     plan = quantization_plan(model, parts)
     batches = calibration_batches(plan, calib_images, batch_size)
-    qmodel = make_heads_traceable(fold_frozen_batchnorm(copy.deepcopy(model))).eval()
+    qmodel = traceable_copy(model)
     examples = capture_inputs(qmodel, plan.targets, batches[0])
     prepared = {t: backend_impl.prepare(qmodel.get_submodule(t), examples[t]) for t in plan.targets}
     if plan.targets == ("",):
