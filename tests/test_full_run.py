@@ -1,11 +1,13 @@
 """The full run's path end to end, small: params/full.yaml with an R50 checkpoint in the official format and a
-COCO 2017-layout directory, through papermill on the five notebooks, into a temporary directory.
+COCO 2017-layout directory, through papermill on the notebooks of the default run (01-05 and 07), into a
+temporary directory.
 
 The checkpoint has random values shaped from the official state-dict manifest (small std, unit frozen-BN
 statistics, so the outputs are finite); the images are small and few, so that the whole path (every scheme's
 estimates with two probe seeds, the stability and curvature checks, the measured per-layer costs, the ILPs,
-Table 1 with its bootstrap, the sensitivity check, all figures) runs on a CPU in a few minutes. What the committed notebooks compare under nbval is checked here too: the table's
-structure and the data behind the figures.
+Table 1 with its bootstrap, the sensitivity check, the Pareto sweep with its three quantizers, all figures) runs on
+a CPU in a few minutes. What the committed notebooks compare under nbval is checked here too: the table's structure
+and the data behind the figures.
 """
 
 import json
@@ -29,6 +31,7 @@ OVERRIDES = {
     "curvature_probes": 2, "max_eval_images": 2, "eval_batch_size": 2, "stability_seeds": 2, "jacobian_probes": 2,
     "measure_ap_bits": [3], "measure_batch_size": 2, "n_boot": 20, "rho_boot": 20,
     "probes": {"loss": [1, 1], "out-quant": [1, 1]},
+    "gptq_calib_images": 2, "pareto_targets": [4.0, 6.0],
 }
 
 
@@ -86,20 +89,28 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     assert list(seconds) == list(NOTEBOOKS)
     assert sorted(p.name for p in executed.iterdir()) == [f"{n}.ipynb" for n in NOTEBOOKS]
 
-    schemes = [*METRICS, FIRST_ORDER, "out-quant-ggn"]
+    schemes = [*METRICS, FIRST_ORDER, "out-quant-ggn", "loss-fisher", "out-quant-fisher"]
     expected = {"table1.json", "table1.csv", "table1.md", "claims.json", "stability.json", "curvature_check.json",
                 "table1_bootstrap.json", "measured_costs.json", "measured_costs_8bit.json", "seed_stability.json",
                 "sensitivity_check.json", "traces_out-first-order-rows.json", "measured_ap_drops.json"}
     expected |= {f"traces_{m}{r}.json" for m in schemes for r in ("", "_seed1")}
     expected |= {f"bitmap_{m}_{t}bit{r}.json" for m in schemes for t in MIXED_TARGETS for r in ("", "_seed1")}
     expected |= {f"bitmap_measured_{t}bit.json" for t in MIXED_TARGETS}
-    rows = table_rows([FIRST_ORDER, "out-quant-ggn", "measured"])
+    rows = table_rows([FIRST_ORDER, "out-quant-ggn", "loss-fisher", "out-quant-fisher", "measured"])
     expected |= {f"eval_{p}_{s}{ext}" for p, s in rows for ext in (".json", ".detections.npz")}
     expected |= {f"eval_{t}_{m}_seed1.json" for m in schemes for t in MIXED_TARGETS}
+    # Notebook 07: the sweep's folder, its summary, Table 2 and Measured Sen per quantizer.
+    expected |= {"pareto", "pareto.json", "table2.json", "table2.csv", "table2.md", "measured_costs_per-channel.json",
+                 "measured_costs_gptq.json"}
     assert {p.name for p in results.iterdir()} == expected
     assert {p.name for p in figures.iterdir()} == {f"{stem}.{ext}" for stem in (
-        "fig1_hessian_traces", "fig2_bit_allocation", "sensitivity_check", "eq5_decomposition")
-        for ext in ("png", "pdf")}
+        "fig1_hessian_traces", "fig2_bit_allocation", "sensitivity_check", "eq5_decomposition", "fig3_pareto",
+        "fig4_per_class") for ext in ("png", "pdf")}
+    table2 = json.loads((results / "table2.json").read_text())
+    mixed = [r for r in table2["rows"] if r["source"] != "uniform"]
+    assert {(r["precision"], r["quantizer"]) for r in mixed} == {
+        (f"{t}-bit", q) for t in (4, 6) for q in ("eq6", "per-channel", "gptq")}
+    assert {r["source"] for r in table2["rows"]} == {*schemes, "measured", "uniform"}
 
     table = json.loads((results / "table1.json").read_text())
     assert [(r["precision"], r["scheme"]) for r in table["rows"]] == rows
