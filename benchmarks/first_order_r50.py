@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from detrq.hessian import TraceSettings, jacobian_row_norm_sums, sensitivity, tracing
 from detrq.models.detr import build_detr
-from detrq.quant import quantizable_layers
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.sensitivity import TraceSettings, jacobian_row_norm_sums, sensitivity, tracing
 
 
 def main() -> None:

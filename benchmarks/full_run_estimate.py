@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from detrq.models.detr import build_detr
-from detrq.quant import quantizable_layers
+from detrq.quant.bitmaps import quantizable_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_IMAGES = 5000

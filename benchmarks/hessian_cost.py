@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from detrq.hessian import TraceSettings, layer_traces, sensitivity_objective, tracing
 from detrq.models.detr import build_detr
-from detrq.quant import quantizable_layers
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.sensitivity import TraceSettings, layer_traces, sensitivity_objective, tracing
 
 TARGET_HVP_OVER_FWD_BWD = 2.5
 TARGET_SPEEDUP_OVER_PER_LAYER = 20.0

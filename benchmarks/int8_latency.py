@@ -23,7 +23,8 @@ import torch
 
 from detrq.int8.data import detection_dataset
 from detrq.int8.measure import paired_latency, peak_memory, serialized_size
-from detrq.int8.quantize import quantization_plan, quantize_int8
+from detrq.int8.plan import quantization_plan
+from detrq.int8.quantize import quantize_int8
 from detrq.int8.stages import compare_breakdowns, stage_breakdown
 from detrq.int8.workflow import DEFAULT_DATA, TARGETS, Int8RunConfig, breakdown_markdown, float_model
 

@@ -29,10 +29,11 @@ from dataclasses import replace
 import torch
 
 from detrq.data.coco import class_balanced_subset
-from detrq.hessian import METRICS, TraceSettings, jacobian_row_norm_sums, sensitivity, tracing
-from detrq.paths import PROJECT_ROOT
-from detrq.pipeline import eval_dataset, hessian_batches, load_model
-from detrq.quant import layer_region, quantizable_layers
+from detrq.data.loading import eval_dataset, hessian_batches
+from detrq.io.paths import PROJECT_ROOT
+from detrq.models.loading import load_model
+from detrq.quant.bitmaps import layer_region, quantizable_layers
+from detrq.sensitivity import METRICS, TraceSettings, jacobian_row_norm_sums, sensitivity, tracing
 
 
 def timed(fn):

@@ -5,7 +5,7 @@ and the run-directory steps of ``./reproduce.sh``: run-start, report, accept. Ba
 line and exit status 2; results are written atomically and reused when their inputs are unchanged.
 
 ``evaluate`` and ``traces`` also run under torchrun (``python -m torch.distributed.run --nproc_per_node N -m detrq
-...``): the ranks share the work (``detrq.distributed``), rank 0 takes the folder's lock, prints and writes the
+...``): the ranks share the work (``detrq.parallel.distributed``), rank 0 takes the folder's lock, prints and writes the
 result after every rank has finished its part, and each rank's error line names the rank.
 """
 
@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detrq import distributed
-from detrq.costs import NEGATIVE_POLICIES
-from detrq.errors import DetrqError
-from detrq.hessian import ALL_METRICS, BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS
-from detrq.paths import PROJECT_ROOT
-from detrq.quantizers import QUANTIZERS
+from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
+from detrq.parallel import distributed
+from detrq.quant.codes import QUANTIZERS
+from detrq.sensitivity import ALL_METRICS, BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS
+from detrq.sensitivity.costs import NEGATIVE_POLICIES
 
 EMBEDDED = {  # the embedded default: where its data and checkpoint live and how the data is made
     "data": PROJECT_ROOT / "data" / "synthetic",
@@ -60,7 +60,7 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from detrq.train import TrainConfig, train
+    from detrq.training.train import TrainConfig, train
 
     data = Path(args.data) if args.data else ensure_embedded_data(EMBEDDED["data"])
     cfg = TrainConfig(data=str(data), out=args.out, preset=args.preset, iters=args.iters,
@@ -84,14 +84,15 @@ def _resolve(args: argparse.Namespace, default_split: str) -> tuple[str, str, st
 
 
 def _load_model(args: argparse.Namespace, checkpoint: str, device: str) -> tuple[Any, str]:
-    from detrq.pipeline import load_model
+    from detrq.models.loading import load_model
 
     return load_model(args.preset, checkpoint, device, min_size=args.min_size, max_size=args.max_size)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from detrq.pipeline import eval_dataset, run_evaluation
-    from detrq.quant import load_bit_map, uniform_bit_map
+    from detrq.artifact.pipeline import run_evaluation
+    from detrq.data.loading import eval_dataset
+    from detrq.quant.bitmaps import load_bit_map, uniform_bit_map
 
     if args.bits is not None and args.bit_map is not None:
         raise DetrqError("give --bits or --bit-map, not both")
@@ -114,8 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_traces(args: argparse.Namespace) -> None:
-    from detrq.hessian import FIRST_ORDER, TraceSettings, rel_stderr
-    from detrq.pipeline import run_traces
+    from detrq.artifact.pipeline import run_traces
+    from detrq.sensitivity import FIRST_ORDER, TraceSettings, rel_stderr
 
     settings = TraceSettings(num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
                              estimator=args.estimator, blocks=args.blocks, max_probes=args.max_probes,
@@ -137,17 +138,18 @@ def cmd_traces(args: argparse.Namespace) -> None:
 
 
 def cmd_allocate(args: argparse.Namespace) -> None:
-    from detrq.ilp import paper_bits_range, parse_bits_range
-    from detrq.pipeline import load_model, run_allocation
-    from detrq.results import read_json
+    from detrq.artifact.pipeline import run_allocation
+    from detrq.io.results import read_json
+    from detrq.models.loading import load_model
+    from detrq.quant.allocate import paper_bits_range, parse_bits_range
 
     traces = read_json(args.traces)
     checkpoint = args.checkpoint or (str(EMBEDDED["checkpoint"]) if args.preset == "mini" else None)
     if checkpoint is None:
         raise DetrqError(f"preset {args.preset!r} needs --checkpoint FILE")
     model, sha = load_model(args.preset, checkpoint)
-    from detrq.file_checks import check_traces
-    from detrq.quant import quantizable_layers
+    from detrq.quant.bitmaps import quantizable_layers
+    from detrq.sensitivity.trace_checks import check_traces
 
     check_traces(traces, args.traces, quantizable_layers(model))
     if traces.get("checkpoint_sha256") not in (None, sha):
@@ -162,14 +164,14 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> None:
-    from detrq.notebooks import ALL_NOTEBOOKS, NOTEBOOKS, load_parameters, parse_override, run_notebooks
+    from detrq.artifact.notebooks import ALL_NOTEBOOKS, NOTEBOOKS, load_parameters, parse_override, run_notebooks
 
     names = tuple(args.only) if args.only else NOTEBOOKS
     unknown = [n for n in names if n not in ALL_NOTEBOOKS]
     if unknown:
         raise DetrqError(f"unknown notebook {unknown[0]!r}; choose from {', '.join(ALL_NOTEBOOKS)}")
-    from detrq.locking import folder_lock
-    from detrq.pipeline import resolve_path
+    from detrq.io.locking import folder_lock
+    from detrq.io.paths import resolve_path
 
     params = load_parameters(args.params, dict(parse_override(o) for o in args.set), names=ALL_NOTEBOOKS)
     # The kernels write into results_dir: this process holds its lock for them.
@@ -182,10 +184,10 @@ def cmd_notebooks(args: argparse.Namespace) -> None:
 def cmd_pack(args: argparse.Namespace) -> None:
     import torch
 
-    from detrq.packing import load_packed, save_packed
-    from detrq.pipeline import build_quantizer
-    from detrq.quant import load_bit_map
-    from detrq.quantizers import QuantizerSettings, dequantize
+    from detrq.artifact.pipeline import build_quantizer
+    from detrq.quant.bitmaps import load_bit_map
+    from detrq.quant.codes import QuantizerSettings, dequantize
+    from detrq.quant.packing import load_packed, save_packed
 
     checkpoint, coco, split = _resolve(args, "train")
     settings = QuantizerSettings(name=args.quantizer, act_order=args.act_order, calib_images=args.calib_images)
@@ -322,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pack", help="write a bit-packed checkpoint: n-bit integer codes, scales, the float rest",
                        description="Packs each layer of a bit map at exactly its bits per weight (plus its scales) "
-                       "and stores the rest in float; `detrq.packing.load_packed` restores exactly the "
+                       "and stores the rest in float; `detrq.quant.packing.load_packed` restores exactly the "
                        "fake-quantized weights that an evaluation of the bit map uses.")
     _add_model_args(s, "gptq only: calibration split (default: train for mini, train2017 otherwise; never val)")
     s.add_argument("--bit-map", required=True, help="a bit-map file (results/bitmap_*.json)")
@@ -418,7 +420,8 @@ def cmd_int8(args: argparse.Namespace) -> None:
 
 
 def cmd_curve(args: argparse.Namespace) -> None:
-    from detrq.pipeline import eval_dataset, run_quant_curve
+    from detrq.artifact.pipeline import run_quant_curve
+    from detrq.data.loading import eval_dataset
 
     checkpoint, coco, split = _resolve(args, "val")
     model, sha = _load_model(args, checkpoint, args.device)
@@ -428,20 +431,20 @@ def cmd_curve(args: argparse.Namespace) -> None:
 
 
 def cmd_readme(args: argparse.Namespace) -> None:
-    from detrq.readme import update_readme
+    from detrq.artifact.readme import update_readme
 
     found = update_readme(args.readme, args.results_dir)
     print(f"updated {args.readme}: {', '.join(found) or 'no generated sections'}")
 
 
 def _run_dirs() -> dict[str, Path]:
-    from detrq.reproduction import RUN_NAMES, RUNS_DIR
+    from detrq.artifact.reproduction import RUN_NAMES, RUNS_DIR
 
     return {name: RUNS_DIR / name for name in RUN_NAMES}
 
 
 def cmd_run_start(args: argparse.Namespace) -> None:
-    from detrq.reproduction import start_run
+    from detrq.artifact.reproduction import start_run
 
     run_dir = _run_dirs()[args.run]
     start = start_run(run_dir, args.reuse, PROJECT_ROOT / "results" if args.reuse else None)
@@ -469,7 +472,7 @@ def _parse_runtime(items: list[str]) -> list[tuple[str, int]]:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from detrq.reproduction import REPORT_NAME, compare_runs, report_text, write_report, write_runtime
+    from detrq.artifact.reproduction import REPORT_NAME, compare_runs, report_text, write_report, write_runtime
 
     runs = _run_dirs()
     if args.runtime and not args.run:
@@ -486,9 +489,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_accept(args: argparse.Namespace) -> None:
     import shutil
 
-    from detrq.readme import update_readme
-    from detrq.reproduction import ACCEPTED_NAME, PARTS, REPORT_NAME, RUNTIME_NAME, accept_runs
-    from detrq.results import read_json
+    from detrq.artifact.readme import update_readme
+    from detrq.artifact.reproduction import ACCEPTED_NAME, PARTS, REPORT_NAME, RUNTIME_NAME, accept_runs
+    from detrq.io.results import read_json
 
     runs = _run_dirs()
     results, figures = PROJECT_ROOT / "results", PROJECT_ROOT / "figures"
@@ -554,7 +557,7 @@ def cmd_check_data(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     from contextlib import nullcontext
 
-    from detrq.locking import folder_lock
+    from detrq.io.locking import folder_lock
 
     args = build_parser().parse_args(argv)
 

@@ -20,11 +20,11 @@ from PIL import Image
 
 from detrq import cli
 from detrq.data.coco import CocoDetection, EvalTransform
-from detrq.errors import DetrqError
-from detrq.hessian.estimates import TraceEstimate
+from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
 from detrq.models.detr import build_detr
-from detrq.paths import PROJECT_ROOT
-from detrq.quant import quantizable_layers
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.sensitivity.estimates import TraceEstimate
 
 torch.set_num_threads(1)
 SOURCE = PROJECT_ROOT / "data" / "synthetic"
@@ -242,12 +242,12 @@ def test_soft_problem_warns_once_and_is_recorded_in_the_protocol(world, capsys):
 
 
 def test_ctrl_c_during_traces_exits_130_and_keeps_the_earlier_file(world, capsys, monkeypatch):
-    import detrq.pipeline
+    import detrq.artifact.pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(detrq.pipeline, "hessian_batches", interrupted)
+    monkeypatch.setattr(detrq.artifact.pipeline, "hessian_batches", interrupted)
     before = snapshot(world / "results")
     argv = ["traces", "--quiet", "--checkpoint", str(CHECKPOINT), "--coco", str(world / "coco"), "--split", "val",
             "--metric", "out-float", "--num-images", "2", "--out", str(world / "results" / "traces.json")]
@@ -288,8 +288,8 @@ def test_a_corrupt_image_that_passes_the_header_check_fails_where_it_is_decoded(
 
 
 def test_a_corrupt_cache_entry_is_recomputed_and_the_run_says_so(tmp_path, capsys):
-    from detrq.cache import load_cached
-    from detrq.file_checks import check_traces
+    from detrq.io.cache import load_cached
+    from detrq.sensitivity.trace_checks import check_traces
 
     path = tmp_path / "traces.json"
     path.write_text('{"cache_key": "k", "layers": ')

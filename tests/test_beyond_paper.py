@@ -8,18 +8,30 @@ import math
 import pytest
 import torch
 
-from detrq import reproduction as rp
-from detrq.costs import cost_table, squared_errors
-from detrq.errors import DetrqError
+from detrq.artifact import reproduction as rp
+from detrq.artifact.pareto import (
+    MEASURED,
+    UNIFORM,
+    SweepSettings,
+    moonshot,
+    per_class_losses,
+    run_sweep,
+    table2,
+    table2_markdown,
+    write_table2,
+)
+from detrq.artifact.pipeline import quantizer_key, run_allocation
+from detrq.data.loading import eval_dataset
+from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
+from detrq.io.results import read_json
 from detrq.models.detr import build_detr
-from detrq.packing import save_packed
-from detrq.pareto import (MEASURED, UNIFORM, SweepSettings, moonshot, per_class_losses, run_sweep, table2,
-                          table2_markdown, write_table2)
-from detrq.paths import PROJECT_ROOT
-from detrq.pipeline import eval_dataset, load_model, quantizer_key, run_allocation
-from detrq.quant import apply_bit_map, model_size_bits, quantizable_layers, quantize_tensor, uniform_bit_map
-from detrq.quantizers import EQ6, QuantizerSettings, WeightQuantizer, dequantize
-from detrq.results import read_json
+from detrq.models.loading import load_model
+from detrq.quant.bitmaps import apply_bit_map, model_size_bits, quantizable_layers, quantize_tensor, uniform_bit_map
+from detrq.quant.codes import QuantizerSettings, dequantize
+from detrq.quant.packing import save_packed
+from detrq.quant.quantizers import EQ6, WeightQuantizer
+from detrq.sensitivity.costs import cost_table, squared_errors
 
 torch.set_num_threads(1)
 PER_CHANNEL = WeightQuantizer(QuantizerSettings(name="per-channel"))

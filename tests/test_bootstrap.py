@@ -1,4 +1,4 @@
-"""Tests of detrq.bootstrap: the weighted COCO AP against pycocotools (unit weights, and duplicated images
+"""Tests of detrq.evaluation.bootstrap: the weighted COCO AP against pycocotools (unit weights, and duplicated images
 under new ids), the paired bootstrap's CIs and determinism, and the detections file format.
 
 Worlds are random COCO ground truth built in memory, with images without ground truth, crowd boxes, a
@@ -19,7 +19,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detrq.bootstrap import (
+from detrq.evaluation.bootstrap import (
     image_eval,
     load_detections,
     paired_bootstrap,
@@ -27,7 +27,7 @@ from detrq.bootstrap import (
     save_detections,
     weighted_ap,
 )
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from detrq.data.synthetic import make_dataset
+from detrq.io.paths import PROJECT_ROOT
 from detrq.models.detr import build_detr
-from detrq.paths import PROJECT_ROOT
 
 torch.set_num_threads(1)
 

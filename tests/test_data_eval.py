@@ -24,8 +24,8 @@ from detrq.data.coco import (
     get_size_with_aspect_ratio,
     histogram_distance,
 )
-from detrq.errors import DetrqError
-from detrq.evaluate import coco_metrics, evaluate
+from detrq.evaluation.evaluate import coco_metrics, evaluate
+from detrq.io.errors import DetrqError
 from detrq.models.detr import postprocess
 
 torch.set_num_threads(1)

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detrq.errors import DetrqError
-from detrq.models.detr import (PositionEmbeddingSine, build_detr, guess_preset, load_checkpoint, pad_images,
-                               postprocess)
+from detrq.io.errors import DetrqError
+from detrq.models.detr import PositionEmbeddingSine, build_detr, guess_preset, load_checkpoint, pad_images, postprocess
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "detr_r50_state_dict_manifest.json"
 torch.set_num_threads(1)

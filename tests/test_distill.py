@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detrq.distill import distillation_loss
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
+from detrq.sensitivity.distill import distillation_loss
 
 torch.set_num_threads(1)
 

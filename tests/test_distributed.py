@@ -12,16 +12,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from detrq import distributed
+from detrq.artifact.pipeline import run_evaluation, run_traces
+from detrq.data.loading import eval_dataset
 from detrq.data.synthetic import make_dataset
-from detrq.errors import DetrqError
-from detrq.hessian import TraceSettings
-from detrq.launch import Launch, failure_line
+from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
 from detrq.models.criterion import build_criterion
 from detrq.models.detr import build_detr
-from detrq.paths import PROJECT_ROOT
-from detrq.pipeline import eval_dataset, load_model, run_evaluation, run_traces
-from detrq.quant import uniform_bit_map
+from detrq.models.loading import load_model
+from detrq.parallel import distributed
+from detrq.parallel.launch import Launch, failure_line
+from detrq.quant.bitmaps import uniform_bit_map
+from detrq.sensitivity import TraceSettings
 
 torch.set_num_threads(1)
 

@@ -1,16 +1,15 @@
 """The committed embedded checkpoint: it loads strictly, its sidecar describes it, and its val AP re-measures."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from detrq.cli import EMBEDDED, ensure_embedded_data
-from detrq.evaluate import evaluate
+from detrq.data.loading import eval_dataset
+from detrq.evaluation.evaluate import evaluate
+from detrq.io.results import sha256_file
 from detrq.models.detr import build_detr, load_checkpoint
-from detrq.pipeline import eval_dataset
-from detrq.results import sha256_file
 
 CKPT = EMBEDDED["checkpoint"]
 

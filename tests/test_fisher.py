@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from detrq.errors import DetrqError
-from detrq.hessian import Objective, TraceSettings, approximates, layer_traces, sensitivity
-from detrq.pipeline import Scheme, schemes_from_params
-from detrq.quant import quantizable_layers
+from detrq.artifact.pipeline import Scheme, schemes_from_params
+from detrq.io.errors import DetrqError
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.sensitivity import Objective, TraceSettings, approximates, layer_traces, sensitivity
 
 torch.set_num_threads(1)
 FISHER = TraceSettings(estimator="fisher")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from detrq.hessian import FIRST_ORDER, METRICS
-from detrq.notebooks import NOTEBOOKS, load_parameters, run_notebooks
-from detrq.table1 import MIXED_TARGETS, VERDICTS, table_rows
+from detrq.artifact.notebooks import NOTEBOOKS, load_parameters, run_notebooks
+from detrq.artifact.table1 import MIXED_TARGETS, VERDICTS, table_rows
+from detrq.sensitivity import FIRST_ORDER, METRICS
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "detr_r50_state_dict_manifest.json"
 COCO_CATEGORIES = [1, 3, 18, 44, 62, 90]  # COCO ids, up to the largest (90); DETR-R50 has 91 + 1 classes

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_inputs import subset_coco, traces_file
 
 from detrq import cli
 from detrq.data.coco import CocoDetection, EvalTransform
-from detrq.errors import DetrqError
-from detrq.evaluate import coco_metrics
-from detrq.file_checks import check_traces
+from detrq.evaluation.evaluate import coco_metrics
+from detrq.io.errors import DetrqError
+from detrq.io.results import read_json
 from detrq.models.detr import build_detr
-from detrq.quant import quantizable_layers
-from detrq.results import read_json
-from test_bad_inputs import subset_coco, traces_file
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.sensitivity.trace_checks import check_traces
 
 torch.set_num_threads(1)
 COCO_CASES = 300

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detrq.errors import DetrqError
-from detrq.gptq import collect_input_hessians, gptq_codes, gptq_layer_codes
+from detrq.io.errors import DetrqError
 from detrq.models.detr import build_detr, pad_images
-from detrq.quant import quantizable_layers
-from detrq.quantizers import QuantizerSettings, channel_scale, dequantize, rtn_codes
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.quant.codes import QuantizerSettings, channel_scale, dequantize, rtn_codes
+from detrq.quant.gptq import collect_input_hessians, gptq_codes, gptq_layer_codes
 
 torch.set_num_threads(1)
 

@@ -7,12 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from detrq.errors import DetrqError
-from detrq.hessian import (Objective, TraceEstimate, TraceSettings, first_order_sensitivity, layer_traces,
-                           sensitivity)
-from detrq.hessian.first_order import box_rows, jacobian_row_norm_sums
-from detrq.hessian.objectives import tracing
-from detrq.quant import quantizable_layers, quantize_tensor
+from detrq.io.errors import DetrqError
+from detrq.quant.bitmaps import quantizable_layers, quantize_tensor
+from detrq.sensitivity import (
+    Objective,
+    TraceEstimate,
+    TraceSettings,
+    first_order_sensitivity,
+    layer_traces,
+    sensitivity,
+)
+from detrq.sensitivity.first_order import box_rows, jacobian_row_norm_sums
+from detrq.sensitivity.objectives import tracing
 
 torch.set_num_threads(1)
 
@@ -211,7 +217,7 @@ def test_sensitivity_rejects_unknown_metric_and_layer(tiny_detr):
 
 
 def test_out_quant_traces_at_8_bit_point_against_float_teacher(tiny_detr, monkeypatch):
-    import detrq.hessian.metrics
+    import detrq.sensitivity.metrics
 
     model, batches = tiny_detr
     model.eval()
@@ -227,7 +233,7 @@ def test_out_quant_traces_at_8_bit_point_against_float_teacher(tiny_detr, monkey
         seen["loss"] = objective.loss(objective.items[0]).item()
         return {}
 
-    monkeypatch.setattr(detrq.hessian.metrics, "layer_traces", fake_layer_traces)
+    monkeypatch.setattr(detrq.sensitivity.metrics, "layer_traces", fake_layer_traces)
     sensitivity(model, batches, "out-quant")
     assert seen["quantized"] and seen["teacher"] and seen["loss"] > 0
     sensitivity(model, batches, "out-float")
@@ -236,7 +242,7 @@ def test_out_quant_traces_at_8_bit_point_against_float_teacher(tiny_detr, monkey
 
 def exact_layer_trace(model, batches, name):
     """Tr(H_ll) of the Eq. (5) objective at float weights, from one HVP per unit vector."""
-    from detrq.hessian.objectives import sensitivity_objective
+    from detrq.sensitivity.objectives import sensitivity_objective
 
     with tracing(model, [name]) as params:
         objective = sensitivity_objective(model, batches, "out-float")

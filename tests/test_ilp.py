@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from detrq.errors import DetrqError
-from detrq.costs import apply_negative_policy, cost_table, first_order_terms, paper_costs
-from detrq.ilp import allocate_bits, paper_bits_range, parse_bits_range
-from detrq.quant import quantize_tensor
+from detrq.io.errors import DetrqError
+from detrq.quant.allocate import allocate_bits, paper_bits_range, parse_bits_range
+from detrq.quant.bitmaps import quantize_tensor
+from detrq.sensitivity.costs import apply_negative_policy, cost_table, first_order_terms, paper_costs
 
 torch.set_num_threads(1)
 

@@ -9,14 +9,15 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detrq.errors import DetrqError
 from detrq.int8.activations import activation_diff, compare_layers
 from detrq.int8.data import to_torchvision
 from detrq.int8.detect import detection_agreement, paired_scores
 from detrq.int8.detector import FrcnnConfig, build_frcnn
 from detrq.int8.measure import paired_latency, serialized_size
 from detrq.int8.onnx_export import to_ort
-from detrq.int8.quantize import fold_frozen_batchnorm, quantization_plan, quantize_int8
+from detrq.int8.plan import fold_frozen_batchnorm, quantization_plan
+from detrq.int8.quantize import quantize_int8
+from detrq.io.errors import DetrqError
 
 torch.set_num_threads(1)
 

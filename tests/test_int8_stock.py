@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from detrq.errors import DetrqError
+from detrq.artifact.readme import int8_markdown
 from detrq.int8.detector import FrcnnConfig, build_frcnn
 from detrq.int8.heads import BoxPredictor, LevelwiseRPNHead, make_heads_traceable
 from detrq.int8.measure import serialized_size
+from detrq.int8.plan import DETECTOR_PARTS, quantization_plan
 from detrq.int8.plots import layer_figures
-from detrq.int8.quantize import DETECTOR_PARTS, quantization_plan, quantize_int8
+from detrq.int8.quantize import quantize_int8
 from detrq.int8.stages import STAGES, compare_breakdowns, stage_breakdown
 from detrq.int8.stock import build_stock
-from detrq.readme import int8_markdown
+from detrq.io.errors import DetrqError
 
 torch.set_num_threads(1)
 

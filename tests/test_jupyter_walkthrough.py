@@ -13,8 +13,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from detrq.notebooks import ALL_NOTEBOOKS
-from detrq.paths import PROJECT_ROOT
+from detrq.artifact.notebooks import ALL_NOTEBOOKS
+from detrq.io.paths import PROJECT_ROOT
 
 TOKEN = "detrq-test"
 

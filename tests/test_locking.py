@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from detrq.errors import DetrqError
-from detrq.locking import folder_lock
+from detrq.io.errors import DetrqError
+from detrq.io.locking import folder_lock
 
-HOLD = ("import sys, time\nfrom detrq.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+HOLD = ("import sys, time\nfrom detrq.io.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n")
 
 
@@ -64,7 +64,7 @@ def test_cli_writer_names_the_process_that_holds_the_folder(tmp_path):
 
 
 def test_a_second_reproduce_run_names_the_first_and_stops():
-    from detrq.paths import PROJECT_ROOT
+    from detrq.io.paths import PROJECT_ROOT
 
     lock = PROJECT_ROOT / "runs" / ".reproduce.pid"
     if lock.exists():
@@ -84,15 +84,16 @@ def test_a_second_reproduce_run_names_the_first_and_stops():
         lock.unlink(missing_ok=True)
 
 
-HOLD_UNTIL_STDIN = ("import sys\nfrom detrq.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+HOLD_UNTIL_STDIN = ("import sys\nfrom detrq.io.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
                     "    print('held', flush=True)\n    sys.stdin.readline()\n")
 
 
 def test_a_second_cli_writer_with_wait_waits_for_the_holder_then_writes(tmp_path):
-    from detrq.models.detr import build_detr
-    from detrq.paths import PROJECT_ROOT
-    from detrq.quant import quantizable_layers
     from test_bad_inputs import traces_file
+
+    from detrq.io.paths import PROJECT_ROOT
+    from detrq.models.detr import build_detr
+    from detrq.quant.bitmaps import quantizable_layers
 
     folder = tmp_path / "results"
     traces = tmp_path / "traces.json"
@@ -128,8 +129,8 @@ def test_ctrl_c_in_a_notebook_keeps_committed_files_and_the_run_resumes(tmp_path
     import nbformat
     import papermill
 
-    import detrq.notebooks as nb
-    from detrq import reproduction as rp
+    import detrq.artifact.notebooks as nb
+    from detrq.artifact import reproduction as rp
 
     committed = tmp_path / "notebooks"
     committed.mkdir()

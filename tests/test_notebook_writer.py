@@ -8,8 +8,8 @@ import re
 import nbformat
 import pytest
 
-from detrq.notebooks import ALL_NOTEBOOKS, INJECTED_ID, NOTEBOOK_DIR, run_notebooks
-from detrq.paths import PROJECT_ROOT
+from detrq.artifact.notebooks import ALL_NOTEBOOKS, INJECTED_ID, NOTEBOOK_DIR, run_notebooks
+from detrq.io.paths import PROJECT_ROOT
 
 
 def _tiny_notebook(path):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 from detrq.models.detr import build_detr
-from detrq.packing import FORMAT, load_packed, pack_bits, pack_state, save_packed, unpack_bits
-from detrq.quant import quantizable_layers
-from detrq.quantizers import dequantize, rtn_codes
+from detrq.quant.bitmaps import quantizable_layers
+from detrq.quant.codes import dequantize, rtn_codes
+from detrq.quant.packing import FORMAT, load_packed, pack_bits, pack_state, save_packed, unpack_bits
 
 torch.set_num_threads(1)
 

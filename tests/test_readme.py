@@ -2,7 +2,7 @@
 
 import json
 
-from detrq.readme import update_readme
+from detrq.artifact.readme import update_readme
 
 
 def test_update_readme_fills_marked_sections_only(tmp_path):

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from detrq import reproduction as rp
-from detrq.errors import DetrqError
+from detrq.artifact import reproduction as rp
+from detrq.io.errors import DetrqError
 
 
 def _write(path, obj):

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from detrq.convergence import bitmap_agreement, objective_spread, seed_stability
-from detrq.errors import DetrqError
-from detrq.pipeline import Scheme, bitmap_path, schemes_from_params, traces_path
-from detrq.sensitivity_check import choose_policy, eq5_decomposition, rho_lookup, rho_markdown, rho_rows
+from detrq.artifact.pipeline import Scheme, bitmap_path, schemes_from_params, traces_path
+from detrq.io.errors import DetrqError
+from detrq.sensitivity.check import choose_policy, eq5_decomposition, rho_lookup, rho_markdown, rho_rows
+from detrq.sensitivity.convergence import bitmap_agreement, objective_spread, seed_stability
 
 
 def test_schemes_names_labels_and_refusals():
@@ -60,7 +60,7 @@ def measured_file(rise):
 
 def test_rho_rows_policy_choice_and_decomposition():
     measured = measured_file({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0})
-    from detrq.truth import measured_table
+    from detrq.sensitivity.truth import measured_table
 
     truth = {"rise": measured_table(measured, "rise")}
     good = {n: {b: v * (8 - b) for b in (3, 4, 5)} for n, v in zip("abcde", (1, 2, 3, 4, 5))}

@@ -13,8 +13,8 @@ from pycocotools.coco import COCO
 
 from detrq.data import synthetic
 from detrq.data.synthetic import SyntheticSpec, area_range, make_dataset
-from detrq.errors import DetrqError
-from detrq.results import sha256_file
+from detrq.io.errors import DetrqError
+from detrq.io.results import sha256_file
 
 SAMPLE_IMAGES = ("000000000001.png", "000000000005.png", "000000000006.png")
 

@@ -10,17 +10,36 @@ import nbformat
 import pytest
 import torch
 
-from detrq.errors import DetrqError
-from detrq.hessian import distillation_term_traces
+from detrq.artifact.figures import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
+from detrq.artifact.notebooks import (
+    allocation_summary,
+    clean_notebook,
+    load_parameters,
+    parse_override,
+    region_mean_bits,
+    table1_summary,
+)
+from detrq.artifact.pipeline import PROJECT_ROOT
+from detrq.artifact.table1 import (
+    PAPER_TABLE1,
+    ROWS,
+    bootstrap_pairs,
+    build_table1,
+    check_claims,
+    claims_markdown,
+    interval_verdict,
+    paper_delta,
+    row_key,
+    table1_csv,
+    table1_markdown,
+    table_rows,
+    write_claims,
+    write_table1,
+)
+from detrq.io.errors import DetrqError
 from detrq.models.detr import build_detr
-from detrq.notebooks import (allocation_summary, clean_notebook, load_parameters, parse_override, region_mean_bits,
-                             table1_summary)
-from detrq.pipeline import PROJECT_ROOT
-from detrq.plots import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
-from detrq.stability import set_statistics
-from detrq.table1 import (PAPER_TABLE1, ROWS, bootstrap_pairs, build_table1, check_claims, claims_markdown,
-                          interval_verdict, paper_delta, row_key, table1_csv, table1_markdown, table_rows, write_claims,
-                          write_table1)
+from detrq.sensitivity import distillation_term_traces
+from detrq.sensitivity.stability import set_statistics
 
 torch.set_num_threads(1)
 

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-import detrq.train as train_mod
+import detrq.training.train as train_mod
 from detrq.data.coco import CocoDetection, EvalTransform, collate
 from detrq.data.synthetic import make_dataset
+from detrq.io.results import sha256_file
 from detrq.models.criterion import build_criterion, weighted_loss
 from detrq.models.detr import build_detr, load_checkpoint
-from detrq.results import sha256_file
-from detrq.train import TrainConfig, train
+from detrq.training.train import TrainConfig, train
 
 torch.set_num_threads(1)
 

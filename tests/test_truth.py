@@ -1,21 +1,28 @@
-"""The measured per-layer costs (detrq.truth) on the tiny preset: features/head split, caching, Spearman CI."""
+"""The measured per-layer costs (detrq.sensitivity.truth) on the tiny preset: features/head split, caching, Spearman CI."""
 
 import math
 
 import pytest
 import torch
 
-import detrq.truth
+import detrq.sensitivity.truth
 from detrq.data.coco import class_balanced_subset
-from detrq.distill import distillation_loss, distillation_terms
-from detrq.errors import DetrqError
-from detrq.evaluate import coco_ap, coco_metrics, evaluate
+from detrq.data.loading import eval_dataset
+from detrq.evaluation.evaluate import coco_ap, coco_metrics, evaluate
+from detrq.io.errors import DetrqError
+from detrq.io.results import read_json
 from detrq.models.detr import build_detr
-from detrq.pipeline import eval_dataset
-from detrq.quant import quantizable_layers, quantized, uniform_bit_map
-from detrq.results import read_json
-from detrq.truth import (MeasureSettings, as_double, measure_ap_drops, measure_layer_costs, measured_table,
-                         run_measured_costs, spearman_ci)
+from detrq.quant.bitmaps import quantizable_layers, quantized, uniform_bit_map
+from detrq.sensitivity.distill import distillation_loss, distillation_terms
+from detrq.sensitivity.truth import (
+    MeasureSettings,
+    as_double,
+    measure_ap_drops,
+    measure_layer_costs,
+    measured_table,
+    run_measured_costs,
+    spearman_ci,
+)
 
 torch.set_num_threads(1)
 
@@ -161,7 +168,7 @@ def test_ap_scan_cached_features_match_evaluate(synthetic_root, monkeypatch):
         with quantized(model, {name: 2}):
             assert got["layers"][name][2] == evaluate(model, val, batch_size=4, progress=False)["AP"]
         assert got["drop"][name][3] == got["float"] - got["layers"][name][3]
-    monkeypatch.setattr(detrq.truth, "MAX_CACHED_IMAGES", 0)  # the streaming path gives the same numbers
+    monkeypatch.setattr(detrq.sensitivity.truth, "MAX_CACHED_IMAGES", 0)  # the streaming path gives the same numbers
     assert measure_ap_drops(model, val, settings, layers=layers, batch_size=4) == got
 
 
@@ -172,7 +179,7 @@ def test_run_measured_costs_writes_then_hits_the_cache(synthetic_root, tmp_path,
     settings = MeasureSettings(bits=(3,), ap_bits=(3,), batch_size=3)
     out = tmp_path / "measured.json"
     calls = []
-    real = detrq.truth.measure_layer_costs
+    real = detrq.sensitivity.truth.measure_layer_costs
 
     def once(*args, **kwargs):
         if calls:
@@ -180,7 +187,7 @@ def test_run_measured_costs_writes_then_hits_the_cache(synthetic_root, tmp_path,
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(detrq.truth, "measure_layer_costs", once)
+    monkeypatch.setattr(detrq.sensitivity.truth, "measure_layer_costs", once)
     first = run_measured_costs(model, "sha", synthetic_root, "train", out, image_ids=ids, settings=settings,
                                progress=False)
     assert out.is_file() and first["image_ids"] == ids and first["reference_bits"] is None

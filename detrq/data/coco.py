@@ -23,7 +23,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from detrq.data.validate import DataReport, check_coco
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from detrq.errors import DetrqError
-from detrq.results import write_json_atomic
+from detrq.io.errors import DetrqError
+from detrq.io.results import write_json_atomic
 
 # Bump whenever a change alters any pixel or annotation, so a stored dataset can be told apart.
 GENERATOR_VERSION = "detrq-synthetic-1"

@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 
 # kind -> what is wrong (hard errors: the data cannot be used as it is).
 ERRORS: dict[str, str] = {

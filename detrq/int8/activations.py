@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detrq.errors import DetrqError
-from detrq.int8.quantize import fold_frozen_batchnorm
+from detrq.int8.plan import fold_frozen_batchnorm
+from detrq.io.errors import DetrqError
 
 
 @dataclass

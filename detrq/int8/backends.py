@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from detrq.int8.quantize import Backend
+from detrq.int8.plan import Backend
 
 
 def fx_backend() -> Backend:
@@ -94,7 +94,9 @@ def pt2e_backend(compile: bool = False) -> Backend:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
 

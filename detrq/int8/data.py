@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from detrq.data.coco import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, EvalTransform, Transform, TrainTransform
+from detrq.data.coco import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, EvalTransform, TrainTransform, Transform
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

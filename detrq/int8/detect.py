@@ -1,5 +1,5 @@
 """Inference of torchvision-style detectors over the COCO-layout dataset, scored with the shared
-``detrq.evaluate.coco_metrics`` (so DETR and the CNN detectors are scored identically), and per-image
+``detrq.evaluation.evaluate.coco_metrics`` (so DETR and the CNN detectors are scored identically), and per-image
 agreement between a float model's and its int8 twin's detections.
 """
 
@@ -16,8 +16,8 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from detrq.data.coco import CocoDetection, collate
-from detrq.errors import DetrqError
-from detrq.evaluate import coco_metrics
+from detrq.evaluation.evaluate import coco_metrics
+from detrq.io.errors import DetrqError
 
 Detections = list[dict[str, Tensor]]  # per image: boxes [N, 4] xyxy in original pixels, scores [N], labels [N]
 

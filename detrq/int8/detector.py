@@ -22,9 +22,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
+from detrq.io.results import sha256_file
 from detrq.models.detr import NarrowResNet
-from detrq.results import sha256_file
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 
 
 def serialized_size(model: nn.Module) -> int:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from detrq.errors import DetrqError
-from detrq.int8.quantize import Backend
+from detrq.int8.plan import Backend
+from detrq.io.errors import DetrqError
 
 
 def export_onnx(module: nn.Module, example: tuple[Tensor, ...]) -> bytes:
@@ -152,7 +152,7 @@ def onnx_report(model: nn.Module, qmodel: nn.Module, images: list[Tensor], repea
     export run in onnxruntime and its int8 QDQ graph, timed as a pair on the inputs the part gets from
     ``images``, and compared with the PyTorch float part (max abs difference, SQNR in dB) and ONNX sizes."""
     from detrq.int8.measure import paired_latency
-    from detrq.int8.quantize import capture_inputs, traceable_copy
+    from detrq.int8.plan import capture_inputs, traceable_copy
 
     parts = [name for name, m in qmodel.named_modules() if isinstance(m, OrtModule)]
     if not parts:

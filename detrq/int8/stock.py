@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import detection
 
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 
 STOCK_MODELS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
 # torchvision's evaluation size for its COCO detectors (shorter side).

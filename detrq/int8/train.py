@@ -3,7 +3,7 @@
 ``python -m detrq.int8.train`` writes ``checkpoints/frcnn_narrow.pth`` and a JSON sidecar with the provenance
 (config, data seed, iterations, wall time, git commit, val metrics, SHA-256). A state file beside the
 checkpoint (``.state.pt``) is saved every ``save_every`` iterations; rerunning the same command resumes from it.
-Batches come from ``detrq.train``'s replayable sampler, so a resumed run sees the same images as an unbroken one.
+Batches come from ``detrq.training.train``'s replayable sampler, so a resumed run sees the same images as an unbroken one.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detrq.errors import DetrqError
+from detrq.data.loading import shuffled_batches
 from detrq.int8.data import detection_dataset
 from detrq.int8.detect import evaluate_detector
 from detrq.int8.detector import FrcnnConfig, build_frcnn, save_frcnn
-from detrq.results import environment, sha256_file, write_json_atomic
-from detrq.train import _batches
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
+from detrq.io.results import environment, sha256_file, write_json_atomic
 
 
 @dataclass
@@ -77,7 +76,7 @@ def train_frcnn(cfg: FrcnnTrainConfig, model_cfg: FrcnnConfig = FrcnnConfig(), p
 
     model.train()
     bar = tqdm(total=cfg.iters, initial=start, desc="Faster R-CNN training", disable=not progress)
-    for it, (images, targets) in _batches(train_set, cfg.batch_size, cfg.seed, start):
+    for it, (images, targets) in shuffled_batches(train_set, cfg.batch_size, cfg.seed, start):
         if it >= cfg.iters:
             break
         for group in opt.param_groups:

@@ -20,20 +20,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detrq.cache import cache_key, load_cached
 from detrq.data.coco import class_balanced_subset
-from detrq.errors import DetrqError
 from detrq.int8 import plots
 from detrq.int8.data import detection_dataset
 from detrq.int8.detect import Detections, detection_agreement, evaluate_detector, paired_scores, run_detector
 from detrq.int8.detector import load_frcnn
 from detrq.int8.measure import paired_latency, peak_memory, serialized_size
-from detrq.int8.quantize import BACKENDS, DETECTOR_PARTS, quantization_plan, quantize_int8
+from detrq.int8.plan import DETECTOR_PARTS, quantization_plan
+from detrq.int8.quantize import BACKENDS, quantize_int8
 from detrq.int8.stages import compare_breakdowns, stage_breakdown
 from detrq.int8.stock import STOCK_IMAGE_SIZE, STOCK_MODELS, build_stock
-from detrq.results import environment, sha256_file, write_json_atomic
+from detrq.io.cache import cache_key, load_cached
+from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT, resolve_path
+from detrq.io.results import environment, sha256_file, write_json_atomic
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
 DEFAULT_DATA = PROJECT_ROOT / "data" / "synthetic"
 # The config fields that are paths: resolved for the run. Inputs are stored relative to the repository root;
@@ -86,12 +87,6 @@ class FloatModel:
     calib_ids: list[int]
 
 
-def resolve(path: str | Path) -> Path:
-    """A relative path is taken from the repository root (notebooks run in notebooks/)."""
-    path = Path(path)
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
 def calibration_images(data: str | Path, n: int, seed: int, size: int) -> tuple[list[Tensor], list[int]]:
     """``n`` class-balanced train images (seeded) as [0, 1] tensors, and their ids."""
     if n < 1:
@@ -105,16 +100,16 @@ def calibration_images(data: str | Path, n: int, seed: int, size: int) -> tuple[
 def float_model(cfg: Int8RunConfig) -> FloatModel:
     """The run's float detector (eval mode) with its calibration images."""
     if cfg.model == "narrow":
-        model, mcfg, sha = load_frcnn(resolve(cfg.checkpoint))
+        model, mcfg, sha = load_frcnn(resolve_path(cfg.checkpoint))
         size = cfg.image_size or mcfg.image_size
         if size != mcfg.image_size:
             model.transform.min_size, model.transform.max_size = (size,), size
-        calib, ids = calibration_images(resolve(cfg.data), cfg.calib_images, cfg.calib_seed, size)
+        calib, ids = calibration_images(resolve_path(cfg.data), cfg.calib_images, cfg.calib_seed, size)
         return FloatModel(model, f"frcnn_{mcfg.name}", size, sha, calib, ids)
     if cfg.model not in STOCK_MODELS:
         raise DetrqError(f"unknown model {cfg.model!r}; use 'narrow' or one of {', '.join(STOCK_MODELS)}")
     size = cfg.image_size or STOCK_IMAGE_SIZE
-    calib, ids = calibration_images(resolve(cfg.data), cfg.calib_images, cfg.calib_seed, size)
+    calib, ids = calibration_images(resolve_path(cfg.data), cfg.calib_images, cfg.calib_seed, size)
     return FloatModel(build_stock(cfg.model, size, cfg.seed, calib), cfg.model, size, None, calib, ids)
 
 
@@ -171,7 +166,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     if cfg.backend not in BACKENDS:
         raise DetrqError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
     torch.set_num_threads(cfg.threads)
-    cfg = dataclasses.replace(cfg, **{k: str(resolve(getattr(cfg, k))) for k in _PATH_FIELDS
+    cfg = dataclasses.replace(cfg, **{k: str(resolve_path(getattr(cfg, k))) for k in _PATH_FIELDS
                                       if getattr(cfg, k) is not None})
     fm = float_model(cfg)
     model, trained = fm.model, fm.checkpoint_sha256 is not None

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from detrq import distributed
 from detrq.models.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from detrq.parallel import distributed
 
 
 class HungarianMatcher(nn.Module):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock
 
-from detrq.errors import DetrqError
+from detrq.io.errors import DetrqError
 from detrq.models.boxes import box_cxcywh_to_xyxy
 
 

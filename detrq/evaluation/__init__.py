@@ -1,0 +1,1 @@
+"""Scoring detections: inference plus pycocotools COCOeval, and the paired bootstrap over images."""

@@ -1,0 +1,289 @@
+"""Paired bootstrap confidence intervals for COCO AP differences between detection sets, over images.
+
+Role in the pipeline: ``evaluate`` returns each bit map's raw detections; ``save_detections`` /
+``load_detections`` keep them as a compact, exact ``.npz``; ``paired_bootstrap`` turns several labelled
+detection sets on the same val images into ΔAP estimates with percentile CIs for Table 1's claims.
+
+How it is fast: pycocotools' per-image matching (``COCOeval.evaluate``) does not depend on which images a
+resample draws, only its accumulation does. So each detection set is matched ONCE (``image_eval``), and
+every resample is scored by ``weighted_ap``: pycocotools' ``accumulate`` interpolation, vectorised, with
+image k counted ``weights[k]`` times. Resampling ``params.imgIds`` with duplicates would be wrong:
+COCOeval calls ``np.unique`` on it and silently drops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from detrq.io.errors import DetrqError
+from detrq.io.results import atomic_output
+
+# Arrays of a detections file, with the dtype each is stored in (float64: exact for Python floats).
+_DETECTION_ARRAYS = {"image_id": np.int64, "category_id": np.int64, "bbox": np.float64, "score": np.float64}
+_FORMAT = "detrq-detections-1"
+# pycocotools' default bbox setting used throughout: area range "all" (index 0), maxDets 100.
+_MAX_DETS = 100
+
+
+# --- Detections on disk ------------------------------------------------------------------------------------
+
+def save_detections(path: str | os.PathLike, detections: Sequence[dict[str, Any]]) -> Path:
+    """Write COCO detections ({"image_id", "category_id", "bbox" xywh, "score"}) to ``path`` as a compressed
+    ``.npz`` (ids int64, bbox and score float64, so the round trip is exact), atomically."""
+    n = len(detections)
+    try:
+        arrays = {
+            "image_id": np.array([d["image_id"] for d in detections], dtype=np.int64).reshape(n),
+            "category_id": np.array([d["category_id"] for d in detections], dtype=np.int64).reshape(n),
+            "bbox": np.array([d["bbox"] for d in detections], dtype=np.float64).reshape(n, 4),
+            "score": np.array([d["score"] for d in detections], dtype=np.float64).reshape(n),
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise DetrqError(f"cannot save detections to {path}: each needs image_id, category_id, a 4-number bbox "
+                         f"and score ({type(e).__name__}: {e})") from None
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" suffix
+        np.savez_compressed(f, format=np.array(_FORMAT), **arrays)
+    return Path(path)
+
+
+def load_detections(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a ``save_detections`` file back as a list of detection dicts (Python ints and floats)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DetrqError(f"detections file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["format"]) != _FORMAT:
+                raise ValueError(f"format {str(z['format'])!r}, expected {_FORMAT!r}")
+            arrays = {k: z[k] for k in _DETECTION_ARRAYS}
+        n = len(arrays["score"])
+        for k, dtype in _DETECTION_ARRAYS.items():
+            shape = (n, 4) if k == "bbox" else (n,)
+            if arrays[k].dtype != dtype or arrays[k].shape != shape:
+                raise ValueError(f"array {k!r} is {arrays[k].dtype} {arrays[k].shape}, expected {shape}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DetrqError(f"corrupt detections file {path} ({type(e).__name__}: {e}); "
+                         f"delete it and rerun the evaluation that wrote it") from None
+    return [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in
+            zip(arrays["image_id"].tolist(), arrays["category_id"].tolist(), arrays["bbox"].tolist(),
+                arrays["score"].tolist())]
+
+
+# --- Per-image evaluation, once per detection set ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class CategoryEval:
+    """One category's detections over all images, in pycocotools' accumulation order.
+
+    That order is: images by ascending id, each image's top-100 detections by descending score, then one
+    stable (mergesort) sort by descending score. ``tp``/``fp`` are (T, D) booleans per IoU threshold, already
+    excluding ignored detections; ``gt_count[k]`` is image k's number of non-ignored ground-truth boxes.
+    """
+
+    cat_id: int
+    image_index: np.ndarray  # (D,) int64: index into ImageEval.image_ids of each sorted detection
+    scores: np.ndarray  # (D,) float64, descending
+    tp: np.ndarray  # (T, D) bool
+    fp: np.ndarray  # (T, D) bool
+    gt_count: np.ndarray  # (N,) int64
+
+
+@dataclass(frozen=True)
+class ImageEval:
+    """pycocotools' per-image bbox evaluation of one detection set (area "all", maxDets 100), kept as arrays.
+
+    ``weighted_ap(self, weights)`` needs ``weights[k]`` for image ``image_ids[k]`` (ids ascending).
+    """
+
+    image_ids: np.ndarray  # (N,) int64, ascending
+    iou_thrs: np.ndarray  # (T,)
+    rec_thrs: np.ndarray  # (R,)
+    categories: tuple[CategoryEval, ...]
+
+
+def _load_results(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
+    if detections:
+        return coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it gets
+    # loadRes cannot take an empty list (as in detrq.evaluation.evaluate.coco_metrics).
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def image_eval(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> ImageEval:
+    """Run pycocotools' ``COCOeval.evaluate`` (bbox) once on ``image_ids`` and keep what accumulation needs."""
+    ids = [int(i) for i in image_ids]
+    if len(set(ids)) != len(ids):
+        raise DetrqError("image_ids has duplicates; pass each image once (weights express multiplicity)")
+    if not ids:
+        raise DetrqError("image_ids is empty: nothing to evaluate")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_dt = _load_results(coco_gt, detections)
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+    p = ev.params
+    if p.maxDets[-1] != _MAX_DETS:
+        raise DetrqError(f"unexpected pycocotools maxDets {p.maxDets}")
+    n_img, n_area = len(p.imgIds), len(p.areaRng)
+    image_ids_sorted = np.asarray(p.imgIds, dtype=np.int64)  # evaluate() made them sorted and unique
+    n_thr = len(p.iouThrs)
+    categories = []
+    for k, cat_id in enumerate(p.catIds):
+        # evalImgs is ordered [category][area range][image]; area range 0 is "all".
+        block = ev.evalImgs[k * n_area * n_img:k * n_area * n_img + n_img]
+        scores, index, dtm, dtig = [], [], [], []
+        gt_count = np.zeros(n_img, dtype=np.int64)
+        for i, e in enumerate(block):
+            if e is None:
+                continue
+            d = len(e["dtScores"][:_MAX_DETS])
+            scores.append(np.asarray(e["dtScores"][:_MAX_DETS], dtype=np.float64))
+            index.append(np.full(d, i, dtype=np.int64))
+            dtm.append(np.asarray(e["dtMatches"][:, :_MAX_DETS]).reshape(n_thr, d))
+            dtig.append(np.asarray(e["dtIgnore"][:, :_MAX_DETS]).reshape(n_thr, d))
+            gt_count[i] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+        if scores:
+            s = np.concatenate(scores)
+            order = np.argsort(-s, kind="mergesort")  # as pycocotools' accumulate
+            matched = np.concatenate(dtm, axis=1)[:, order] != 0
+            ignored = np.concatenate(dtig, axis=1)[:, order] != 0
+            cat = CategoryEval(int(cat_id), np.concatenate(index)[order], s[order], matched & ~ignored,
+                               ~matched & ~ignored, gt_count)
+        else:
+            cat = CategoryEval(int(cat_id), np.zeros(0, np.int64), np.zeros(0), np.zeros((n_thr, 0), bool),
+                               np.zeros((n_thr, 0), bool), gt_count)
+        categories.append(cat)
+    return ImageEval(image_ids_sorted, np.asarray(p.iouThrs, dtype=np.float64),
+                     np.asarray(p.recThrs, dtype=np.float64), tuple(categories))
+
+
+def weighted_ap(ev: ImageEval, weights: np.ndarray | None = None) -> float:
+    """COCO AP (mean over IoU thresholds, recall points and categories with ground truth) with image k counted
+    ``weights[k]`` times (non-negative integers; None: all 1, which equals pycocotools' ``stats[0]``).
+
+    This is pycocotools' ``accumulate`` for area "all", maxDets 100, with tp/fp cumulative sums and the
+    ground-truth count weighted. It equals pycocotools on a dataset where image k appears ``weights[k]`` times
+    under consecutive new ids (see ``paired_bootstrap``). Returns NaN when no weighted image has ground truth.
+    """
+    n_img = len(ev.image_ids)
+    w = np.ones(n_img, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n_img,):
+        raise DetrqError(f"weights must have shape ({n_img},), got {w.shape}")
+    n_thr, n_rec = len(ev.iou_thrs), len(ev.rec_thrs)
+    precisions = []
+    for cat in ev.categories:
+        npig = float(cat.gt_count @ w)
+        if npig == 0:
+            continue  # pycocotools leaves -1 for a category without ground truth: it does not count
+        q = np.zeros((n_thr, n_rec))
+        if cat.scores.size:
+            wd = w[cat.image_index]
+            tp = np.cumsum(cat.tp * wd, axis=1)
+            fp = np.cumsum(cat.fp * wd, axis=1)
+            rc = tp / npig
+            pr = tp / (fp + tp + np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope, as pycocotools
+            nd = pr.shape[1]
+            for t in range(n_thr):
+                inds = np.searchsorted(rc[t], ev.rec_thrs, side="left")
+                ok = inds < nd  # recall levels never reached keep precision 0
+                q[t, ok] = pr[t, inds[ok]]
+        precisions.append(q)
+    if not precisions:
+        return float("nan")
+    # Same element order as pycocotools' mean over precision[:, :, k] of the categories that count.
+    return float(np.mean(np.stack(precisions, axis=2)))
+
+
+# --- The paired bootstrap --------------------------------------------------------------------------------
+
+def resample_weights(n_images: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_images) int64 multiplicities: each row draws ``n_images`` images with replacement."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_images, size=(n_boot, n_images))
+    offsets = np.arange(n_boot, dtype=np.int64)[:, None] * n_images  # one bincount for all rows
+    return np.bincount((draws + offsets).ravel(), minlength=n_boot * n_images).reshape(n_boot, n_images)
+
+
+def paired_bootstrap(
+    coco_gt: COCO,
+    image_ids: Sequence[int],
+    detections: dict[str, list[dict[str, Any]]],
+    pairs: list[tuple[str, str]],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap CIs of ΔAP = AP(a) − AP(b) for each ``(a, b)`` in ``pairs``, over ``image_ids``.
+
+    ``detections`` maps a label (e.g. a bit map's name) to its detection list on the same images. Each set is
+    matched once; then ``n_boot`` resamples of the images with replacement (``np.random.default_rng(seed)``)
+    are drawn, the SAME resamples for every label, which is what makes the comparison paired. The statistic
+    is the COCO AP (area all, maxDets 100, fraction units) of the resampled image multiset: an image drawn m
+    times counts m times, in ground truth and detections alike; a category none of whose ground truth was
+    drawn does not count in that resample, as in pycocotools. Equivalently, pycocotools on a dataset where
+    the m copies of each image get consecutive new ids; with scores tied across images, pycocotools' own
+    order depends on the numbering, and here the m copies of a detection enter the ranking as one block.
+
+    Returns ``{"a|b": {"delta", "low", "high", "se", "p_le_0", "n_boot", "seed", "level", "n_images"},
+    ..., "labels": {label: {"ap", "low", "high", "se", ...}}}``: "delta"/"ap" on the full image set, "low"/
+    "high" the percentile CI at ``level``, "se" the std of the bootstrap values, "p_le_0" the fraction of
+    bootstrap deltas <= 0.
+    """
+    if not 0 < level < 1:
+        raise DetrqError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise DetrqError(f"n_boot must be at least 1, got {n_boot}")
+    for label in detections:
+        if "|" in label:
+            raise DetrqError(f"label {label!r} contains '|', which separates the labels of a pair")
+    for a, b in pairs:
+        for label in (a, b):
+            if label not in detections:
+                raise DetrqError(f"pair ({a!r}, {b!r}) names {label!r}, which has no detections; "
+                                 f"labels: {sorted(detections)}")
+    evals = {label: image_eval(coco_gt, dets, image_ids) for label, dets in detections.items()}
+    n_img = len(image_ids)
+    full = {label: weighted_ap(ev) for label, ev in evals.items()}
+    for label, ap in full.items():
+        if np.isnan(ap):
+            raise DetrqError("no ground truth in image_ids: AP is undefined, nothing to bootstrap")
+    weights = resample_weights(n_img, n_boot, seed)
+    boot = {label: np.empty(n_boot) for label in evals}
+    for r in tqdm(range(n_boot), desc="bootstrap", unit="resample", disable=not progress):
+        for label, ev in evals.items():
+            boot[label][r] = weighted_ap(ev, weights[r])
+    if any(np.isnan(v).any() for v in boot.values()):
+        raise DetrqError(f"some resamples of the {n_img} images hold no ground truth: too few images with "
+                         f"ground truth to bootstrap")
+    tail = 100 * (1 - level) / 2
+    common = {"n_boot": n_boot, "seed": seed, "level": level, "n_images": n_img}
+
+    def summary(values: np.ndarray) -> dict[str, float]:
+        low, high = np.percentile(values, [tail, 100 - tail])
+        return {"low": float(low), "high": float(high), "se": float(np.std(values, ddof=1) if n_boot > 1 else 0.0)}
+
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        deltas = boot[a] - boot[b]
+        out[f"{a}|{b}"] = {"delta": full[a] - full[b], **summary(deltas),
+                           "p_le_0": float(np.mean(deltas <= 0)), **common}
+    out["labels"] = {label: {"ap": full[label], **summary(boot[label]), **common} for label in evals}
+    return out

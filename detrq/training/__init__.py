@@ -1,0 +1,1 @@
+"""Training the embedded mini DETR from scratch (backbone pre-training, then DETR), resumable and seeded."""
