@@ -37,11 +37,14 @@ setup_venv() {
     echo "== creating .venv with $("$py" --version)"
     "$py" -m venv .venv
   fi
-  # Reinstall when pyproject.toml changed since the last successful install.
-  if [ ! -f .venv/.detrq-installed ] || [ pyproject.toml -nt .venv/.detrq-installed ]; then
-    echo "== installing the pinned dependencies into .venv (first time: several minutes)"
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e .
+  # Reinstall when requirements.lock or pyproject.toml changed since the last successful install. Every package
+  # comes from the lock (pinned with hashes, setuptools included); detrq itself is then installed editable
+  # without its dependencies and without build isolation, with the locked setuptools.
+  if [ ! -f .venv/.detrq-installed ] || [ requirements.lock -nt .venv/.detrq-installed ] \
+    || [ pyproject.toml -nt .venv/.detrq-installed ]; then
+    echo "== installing the locked dependencies (requirements.lock) into .venv (first time: several minutes)"
+    .venv/bin/python -m pip install --quiet --require-hashes -r requirements.lock
+    .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
     touch .venv/.detrq-installed
   fi
 }
@@ -131,7 +134,7 @@ run_accept() {
   # they show the committed files' paths and nbval re-executes them against those files.
   step "re-render notebooks 01-05 and 07 from the accepted results" .venv/bin/python -m detrq notebooks \
     --params params/default.yaml
-  if ls results/int8_*.json >/dev/null 2>&1; then
+  if ls results/int8/int8_*.json >/dev/null 2>&1; then
     step "re-render notebook 06 from the accepted results" .venv/bin/python -m detrq notebooks \
       --params params/int8.yaml --only 06_int8_faster_rcnn
   fi

@@ -6,7 +6,7 @@ forward 3.7 s, forward+backward 8.5 s, one HVP from scratch 21.6 s, 4.05 GiB pea
 own with the flags). GPU time divides the CPU time by ``--gpu-speedup``, an ASSUMPTION (no GPU was measured
 here), and memory is the CPU peak RSS per image times the batch, also an estimate. Everything is an upper-bound
 count: a measured-cost scan reruns the whole model for every layer, though detrq reruns only what follows the
-quantized layer (``truth.py``), and probes reuse one graph per image (``estimators.py``).
+quantized layer (``sensitivity/truth.py``), and probes reuse one graph per image (``sensitivity/estimators.py``).
 
 Run: .venv/bin/python benchmarks/full_run_estimate.py [--gpu-speedup 100] [--nproc 8]
 """
@@ -28,7 +28,7 @@ VAL_IMAGES = 5000
 def passes(params: dict, layers: int) -> list[tuple[str, float, bool, str]]:
     """``(step, CPU seconds on one thread, sharded over torchrun ranks, how it is counted)`` for every heavy step
     of the full run. Sharded: notebook 01's traces, and notebook 03's and notebook 07's Eq. (6) evaluations
-    (``launch.py``)."""
+    (``parallel/launch.py``)."""
     cost = params["_cost"]
     fwd, fwd_bwd, hvp = cost["forward"], cost["fwd_bwd"], cost["hvp"]
     bwd, hvp_again = fwd_bwd - fwd, hvp - fwd_bwd  # a backward, and one more HVP on a graph already built

@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from detrq.artifact import reproduction as rp
-from detrq.artifact.pareto import (
-    MEASURED,
-    UNIFORM,
-    SweepSettings,
-    moonshot,
-    per_class_losses,
-    run_sweep,
-    table2,
-    table2_markdown,
-    write_table2,
-)
+from detrq.artifact.pareto import (MEASURED, UNIFORM, SweepSettings, moonshot, per_class_losses, run_sweep, table2,
+                                   table2_markdown, write_table2)
 from detrq.artifact.pipeline import quantizer_key, run_allocation
 from detrq.data.loading import eval_dataset
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
 from detrq.io.paths import PROJECT_ROOT
 from detrq.io.results import read_json
 from detrq.models.detr import build_detr
@@ -97,7 +89,7 @@ def embedded():
 
 def test_allocation_costs_follow_the_quantizer_and_measured_costs_must_match_it(embedded, tmp_path):
     model, _ = embedded
-    traces = read_json(PROJECT_ROOT / "results/traces_out-first-order.json")
+    traces = read_json(results_file(PROJECT_ROOT / "results", "traces_out-first-order.json"))
     weights = {n: p.detach() for n, p in quantizable_layers(model).items()}
     eq6 = cost_table(traces, weights, range(3, 7))
     pc = cost_table(traces, weights, range(3, 7), quantizer=PER_CHANNEL)
@@ -106,7 +98,7 @@ def test_allocation_costs_follow_the_quantizer_and_measured_costs_must_match_it(
     b = run_allocation(model, traces, 4.0, range(3, 7), tmp_path / "b.json", quantizer=PER_CHANNEL)
     assert a["cache_key"] != b["cache_key"] and b["quantizer"] == "per-channel"
     assert b["size_bits"] > a["size_bits"] - 1 or a["bit_map"] != b["bit_map"]
-    measured = read_json(PROJECT_ROOT / "results/measured_costs.json")
+    measured = read_json(results_file(PROJECT_ROOT / "results", "measured_costs.json"))
     with pytest.raises(DetrqError, match="measured with the eq6 quantizer"):
         cost_table(measured, weights, range(3, 7), quantizer=PER_CHANNEL)
 
@@ -114,7 +106,8 @@ def test_allocation_costs_follow_the_quantizer_and_measured_costs_must_match_it(
 def test_sweep_table2_and_per_class_on_the_embedded_model(embedded, tmp_path):
     model, sha = embedded
     dataset = eval_dataset(model, PROJECT_ROOT / "data/synthetic", "val", max_images=12)
-    sources = {"out-first-order": read_json(PROJECT_ROOT / "results/traces_out-first-order.json")}
+    traces = read_json(results_file(PROJECT_ROOT / "results", "traces_out-first-order.json"))
+    sources = {"out-first-order": traces}
     quantizers = {"eq6": EQ6, "per-channel": PER_CHANNEL}
     settings = SweepSettings(targets=(4.0, 6.0), bits=(3, 8), uniform_bits=(4, 6), batch_size=4)
     sweep = run_sweep(model, sha, dataset, {q: sources for q in quantizers}, quantizers, tmp_path, settings)
@@ -125,7 +118,7 @@ def test_sweep_table2_and_per_class_on_the_embedded_model(embedded, tmp_path):
     assert all(abs(p["avg_bits"] - p["target"]) < 0.02 and 0 <= p["AP"] <= 1 and p["per_class"] for p in points)
     uniform4 = next(p for p in points if p["source"] == UNIFORM and p["target"] == 4.0 and p["quantizer"] == "eq6")
     assert uniform4["size_mb"] == pytest.approx(model_size_bits(model, uniform_bit_map(model, 4)) / 8e6)
-    assert read_json(tmp_path / "pareto.json")["points"] == points
+    assert read_json(results_file(tmp_path, "pareto.json"))["points"] == points
     again = run_sweep(model, sha, dataset, {q: sources for q in quantizers}, quantizers, tmp_path, settings)
     assert again["points"] == points  # every allocation and evaluation is a cache hit with the same numbers
     table = table2(sweep, {"out-first-order": "First-Order"})
@@ -136,7 +129,8 @@ def test_sweep_table2_and_per_class_on_the_embedded_model(embedded, tmp_path):
                 and r["precision"] == "4-bit")
     assert row["delta_uniform"] == pytest.approx(row["AP"] - base["AP"])
     write_table2(table, tmp_path)
-    assert "First-Order" in (tmp_path / "table2.md").read_text() and (tmp_path / "table2.csv").is_file()
+    assert "First-Order" in results_file(tmp_path, "table2.md").read_text()
+    assert results_file(tmp_path, "table2.csv").is_file()
     losses = per_class_losses(sweep, "eq6", 4.0)
     worst = [max(d[i] for d in losses["drops"].values()) for i in range(len(losses["classes"]))]
     assert worst == sorted(worst, reverse=True)
@@ -182,7 +176,8 @@ def test_accept_moves_a_folder_of_cached_steps_whole(tmp_path):
     run = tmp_path / "runs" / "default"
     (run / "results" / "pareto").mkdir(parents=True)
     (run / "results" / "pareto" / "eval_a.json").write_text(json.dumps({"AP": 1}))
-    (run / "results" / "table2.json").write_text("{}")
+    (run / "results" / "tables").mkdir()
+    (run / "results" / "tables" / "table2.json").write_text("{}")
     (run / rp.REPORT_NAME).write_text("{}")
     copied = rp.accept_runs({"default": run}, results, figures, rp.PARTS)
     assert "results/pareto/eval_a.json" in copied

@@ -19,14 +19,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detrq.evaluation.bootstrap import (
-    image_eval,
-    load_detections,
-    paired_bootstrap,
-    resample_weights,
-    save_detections,
-    weighted_ap,
-)
+from detrq.evaluation.bootstrap import (image_eval, load_detections, paired_bootstrap, resample_weights,
+                                        save_detections, weighted_ap)
 from detrq.io.errors import DetrqError
 
 torch.set_num_threads(1)

@@ -14,16 +14,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor, nn
 
-from detrq.data.coco import (
-    CocoDetection,
-    EvalTransform,
-    TrainTransform,
-    class_balanced_subset,
-    class_histogram,
-    collate,
-    get_size_with_aspect_ratio,
-    histogram_distance,
-)
+from detrq.data.coco import (CocoDetection, EvalTransform, TrainTransform, class_balanced_subset, class_histogram,
+                             collate, get_size_with_aspect_ratio, histogram_distance)
 from detrq.evaluation.evaluate import coco_metrics, evaluate
 from detrq.io.errors import DetrqError
 from detrq.models.detr import postprocess

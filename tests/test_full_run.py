@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from detrq.artifact.notebooks import NOTEBOOKS, load_parameters, run_notebooks
 from detrq.artifact.table1 import MIXED_TARGETS, VERDICTS, table_rows
+from detrq.io.layout import results_file, results_name
 from detrq.sensitivity import FIRST_ORDER, METRICS
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "detr_r50_state_dict_manifest.json"
@@ -100,30 +101,33 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     expected |= {f"eval_{p}_{s}{ext}" for p, s in rows for ext in (".json", ".detections.npz")}
     expected |= {f"eval_{t}_{m}_seed1.json" for m in schemes for t in MIXED_TARGETS}
     # Notebook 07: the sweep's folder, its summary, Table 2 and Measured Sen per quantizer.
-    expected |= {"pareto", "pareto.json", "table2.json", "table2.csv", "table2.md", "measured_costs_per-channel.json",
+    expected |= {"pareto.json", "table2.json", "table2.csv", "table2.md", "measured_costs_per-channel.json",
                  "measured_costs_gptq.json"}
-    assert {p.name for p in results.iterdir()} == expected
+    found = {str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()}
+    outside_sweep = {f for f in found if not f.startswith("pareto/")} | {"pareto/pareto.json"}
+    assert outside_sweep == {results_name(n) for n in expected}
+    assert any(f.startswith("pareto/eval_") for f in found) and any(f.startswith("pareto/bitmap_") for f in found)
     assert {p.name for p in figures.iterdir()} == {f"{stem}.{ext}" for stem in (
         "fig1_hessian_traces", "fig2_bit_allocation", "sensitivity_check", "eq5_decomposition", "fig3_pareto",
         "fig4_per_class") for ext in ("png", "pdf")}
-    table2 = json.loads((results / "table2.json").read_text())
+    table2 = json.loads(results_file(results, "table2.json").read_text())
     mixed = [r for r in table2["rows"] if r["source"] != "uniform"]
     assert {(r["precision"], r["quantizer"]) for r in mixed} == {
         (f"{t}-bit", q) for t in (4, 6) for q in ("eq6", "per-channel", "gptq")}
     assert {r["source"] for r in table2["rows"]} == {*schemes, "measured", "uniform"}
 
-    table = json.loads((results / "table1.json").read_text())
+    table = json.loads(results_file(results, "table1.json").read_text())
     assert [(r["precision"], r["scheme"]) for r in table["rows"]] == rows
     assert all(r["delta_ci"] is not None and r["delta_seed_range"] is not None for r in table["rows"]
                if r["scheme"] in schemes and r["precision"] != "8")
     assert table["protocol"]["transform"]["min_size"] == 64 and table["protocol"]["num_images"] == 2
     assert table["protocol"]["hessian"]["num_images"] == 2 and table["protocol"]["hessian"]["split"] == "train2017"
-    traces = json.loads((results / "traces_out-quant.json").read_text())
+    traces = json.loads(results_file(results, "traces_out-quant.json").read_text())
     assert traces["estimator"] == "blockwise" and traces["settings"]["max_probes"] == 1  # OVERRIDES' probes
     assert len(traces["layers"]) > 100 and traces["layers"]["backbone.0.body.layer4.2.conv3.weight"]["n_probes"] == 1
     assert "backbone.0.body.layer1.0.conv1.weight" not in traces["layers"]  # frozen in DETR-R50: stays float
-    claims = json.loads((results / "claims.json").read_text())["claims"]
+    claims = json.loads(results_file(results, "claims.json").read_text())["claims"]
     assert len(claims) == 21 and all(c["verdict"] in VERDICTS for c in claims)
     assert sum(c["beyond_paper"] for c in claims) == 3
-    check = json.loads((results / "sensitivity_check.json").read_text())
+    check = json.loads(results_file(results, "sensitivity_check.json").read_text())
     assert {r["scheme"] for r in check["rows"]} == {*schemes, "out-first-order-rows"}

@@ -9,14 +9,8 @@ import torch
 
 from detrq.io.errors import DetrqError
 from detrq.quant.bitmaps import quantizable_layers, quantize_tensor
-from detrq.sensitivity import (
-    Objective,
-    TraceEstimate,
-    TraceSettings,
-    first_order_sensitivity,
-    layer_traces,
-    sensitivity,
-)
+from detrq.sensitivity import (Objective, TraceEstimate, TraceSettings, first_order_sensitivity, layer_traces,
+                               sensitivity)
 from detrq.sensitivity.first_order import box_rows, jacobian_row_norm_sums
 from detrq.sensitivity.objectives import tracing
 

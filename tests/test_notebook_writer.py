@@ -47,7 +47,7 @@ def _machine_paths(text: str) -> list[str]:
 
 
 def test_committed_results_and_notebooks_hold_no_machine_paths():
-    files = sorted((PROJECT_ROOT / "results").glob("*.json")) + sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
+    files = sorted((PROJECT_ROOT / "results").rglob("*.json")) + sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
     found = {p.name: hits[:2] for p in files if (hits := _machine_paths(p.read_text()))}
     assert not found, f"absolute paths in committed files: {found}"
 

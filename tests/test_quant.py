@@ -8,18 +8,8 @@ import torch
 from torch import nn
 
 from detrq.io.errors import DetrqError
-from detrq.quant.bitmaps import (
-    apply_bit_map,
-    average_bits,
-    load_bit_map,
-    model_size_bits,
-    quantizable_layers,
-    quantize_model_copy,
-    quantize_tensor,
-    quantized,
-    save_bit_map,
-    uniform_bit_map,
-)
+from detrq.quant.bitmaps import (apply_bit_map, average_bits, load_bit_map, model_size_bits, quantizable_layers,
+                                 quantize_model_copy, quantize_tensor, quantized, save_bit_map, uniform_bit_map)
 
 torch.set_num_threads(1)
 

@@ -9,6 +9,7 @@ import pytest
 
 from detrq.artifact import reproduction as rp
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
 
 
 def _write(path, obj):
@@ -19,15 +20,17 @@ def _write(path, obj):
 def _results(root, ap=48.5, bits=None, trace=10.0, verdict="holds", latency=0.7, int8_ap=0.65):
     """A minimal committed-results directory: Table 1, a bit map, traces, claims, curve, notebook 05, INT8."""
     bits = bits or {"a": 4, "b": 6}
-    _write(root / "table1.json", {"rows": [{"precision": "4", "scheme": "loss", "AP": ap, "avg_bits": 4.0}]})
-    _write(root / "bitmap_loss_4bit.json", {"bit_map": bits})
-    _write(root / "traces_loss.json", {"layers": {
+    _write(results_file(root, "table1.json"),
+           {"rows": [{"precision": "4", "scheme": "loss", "AP": ap, "avg_bits": 4.0}]})
+    _write(results_file(root, "bitmap_loss_4bit.json"), {"bit_map": bits})
+    _write(results_file(root, "traces_loss.json"), {"layers": {
         "a": {"trace": trace, "stderr": 1.0, "numel": 90},
         "b": {"trace": 0.5, "stderr": 1.0, "numel": 10}}})  # b is below its stderr: not compared
-    _write(root / "claims.json", {"claims": [{"claim": "Loss Sen beats uniform at 4 bits", "verdict": verdict}]})
-    _write(root / "quant_curve.json", {"rows": [{"label": "W4", "AP": ap / 100}]})
-    _write(root / "sensitivity_check.json", {"rho_default": [{"scheme": "loss", "rho": 0.7}]})
-    _write(root / "int8_frcnn_narrow_fx.json", {
+    _write(results_file(root, "claims.json"),
+           {"claims": [{"claim": "Loss Sen beats uniform at 4 bits", "verdict": verdict}]})
+    _write(results_file(root, "quant_curve.json"), {"rows": [{"label": "W4", "AP": ap / 100}]})
+    _write(results_file(root, "sensitivity_check.json"), {"rho_default": [{"scheme": "loss", "rho": 0.7}]})
+    _write(results_file(root, "int8_frcnn_narrow_fx.json"), {
         "model": "frcnn_narrow", "backend": "fx", "AP_float": 0.65, "AP_int8": int8_ap,
         "size_bytes": {"float": 100, "int8": 27}, "latency_ratio": latency})
     return root
@@ -107,18 +110,18 @@ def test_missing_int8_run_is_not_run_not_differs(tmp_path):
 def test_reused_results_never_pass_for_a_reproduction(tmp_path):
     committed = _results(tmp_path / "results")
     old = time.time() - 100
-    for p in committed.iterdir():
+    for p in committed.rglob("*.json"):
         os.utime(p, (old, old))
     run = tmp_path / "runs" / "default"
     start = rp.start_run(run, reuse=True, seed_from=committed)
-    assert start.mode == "reused" and "table1.json" in start.seeded
+    assert start.mode == "reused" and "tables/" in start.seeded
     report = rp.compare_runs(committed, {"default": run})
     assert report["counts"]["differs"] == 0 and not report["from_scratch"]
     assert report["verdict"] == "reused cached results: not a reproduction"
-    assert "table1.json" in report["reused"]["default"]
+    assert "tables/table1.json" in report["reused"]["default"]
     # A file the run writes again counts as computed; the rest stay reused.
-    (run / "results" / "table1.json").write_text((committed / "table1.json").read_text())
-    assert "table1.json" not in rp.reused_files(run / "results")
+    results_file(run / "results", "table1.json").write_text(results_file(committed, "table1.json").read_text())
+    assert "tables/table1.json" not in rp.reused_files(run / "results")
     # Without --reuse a finished run's directory starts empty, so nothing can be a cache hit.
     (run / rp.REPORT_NAME).write_text("{}")
     assert rp.start_run(run, reuse=False).mode == "fresh"
@@ -129,7 +132,7 @@ def test_an_interrupted_run_resumes_and_its_files_count_as_computed(tmp_path):
     committed = _results(tmp_path / "results")
     run = _run(tmp_path, "default")  # started, wrote its results, never wrote its report
     assert rp.start_run(run, reuse=False).mode == "resumed"
-    assert (run / "results" / "table1.json").is_file()
+    assert results_file(run / "results", "table1.json").is_file()
     report = rp.compare_runs(committed, {"default": run})
     assert report["from_scratch"] and report["verdict"].startswith("reproduced")
     # ... but its step times cover only what was left, so they are not a from-scratch runtime.
@@ -141,7 +144,7 @@ def test_accept_replaces_only_what_each_run_owns_and_needs_a_report(tmp_path):
     figures.mkdir()
     (figures / "fig1.png").write_bytes(b"old")
     (figures / "int8_sqnr.png").write_bytes(b"old int8")
-    _write(results / "runtime_default.json", {"kept": True})
+    _write(results_file(results, "runtime_default.json"), {"kept": True})
     _write(results / "stale_default.json", {})
     run = _run(tmp_path, "default", ap=40.0)
     (run / "figures").mkdir()
@@ -149,15 +152,16 @@ def test_accept_replaces_only_what_each_run_owns_and_needs_a_report(tmp_path):
     runs = {"default": run, "int8": tmp_path / "runs" / "int8"}
     with pytest.raises(DetrqError, match="no reproduction.json"):
         rp.accept_runs(runs, results, figures, rp.PARTS)
-    assert json.loads((results / "table1.json").read_text())["rows"][0]["AP"] == 48.5  # untouched
+    assert json.loads(results_file(results, "table1.json").read_text())["rows"][0]["AP"] == 48.5  # untouched
     (run / rp.REPORT_NAME).write_text("{}")
     copied = rp.accept_runs(runs, results, figures, rp.PARTS)
-    assert "results/table1.json" in copied and "figures/fig1.png" in copied
-    assert json.loads((results / "table1.json").read_text())["rows"][0]["AP"] == 40.0
+    assert "results/tables/table1.json" in copied and "figures/fig1.png" in copied
+    assert json.loads(results_file(results, "table1.json").read_text())["rows"][0]["AP"] == 40.0
     assert (figures / "fig1.png").read_bytes() == b"new"
     assert (figures / "int8_sqnr.png").read_bytes() == b"old int8"  # the INT8 part was not run: kept
-    assert (results / "int8_frcnn_narrow_fx.json").is_file()
-    assert (results / "runtime_default.json").is_file()  # runtimes are taken only from from-scratch runs
+    assert results_file(results, "int8_frcnn_narrow_fx.json").is_file()
+    # runtimes are taken only from from-scratch runs
+    assert results_file(results, "runtime_default.json").is_file()
     assert not (results / "stale_default.json").exists()  # a file the run no longer makes goes
 
 

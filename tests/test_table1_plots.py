@@ -11,32 +11,14 @@ import pytest
 import torch
 
 from detrq.artifact.figures import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
-from detrq.artifact.notebooks import (
-    allocation_summary,
-    clean_notebook,
-    load_parameters,
-    parse_override,
-    region_mean_bits,
-    table1_summary,
-)
-from detrq.artifact.pipeline import PROJECT_ROOT
-from detrq.artifact.table1 import (
-    PAPER_TABLE1,
-    ROWS,
-    bootstrap_pairs,
-    build_table1,
-    check_claims,
-    claims_markdown,
-    interval_verdict,
-    paper_delta,
-    row_key,
-    table1_csv,
-    table1_markdown,
-    table_rows,
-    write_claims,
-    write_table1,
-)
+from detrq.artifact.notebooks import (allocation_summary, clean_notebook, load_parameters, parse_override,
+                                      region_mean_bits, table1_summary)
+from detrq.artifact.table1 import (PAPER_TABLE1, ROWS, bootstrap_pairs, build_table1, check_claims, claims_markdown,
+                                   interval_verdict, paper_delta, row_key, table1_csv, table1_markdown, table_rows,
+                                   write_claims, write_table1)
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
+from detrq.io.paths import PROJECT_ROOT
 from detrq.models.detr import build_detr
 from detrq.sensitivity import distillation_term_traces
 from detrq.sensitivity.stability import set_statistics
@@ -83,12 +65,12 @@ def test_build_table1_rows_keys_and_deltas(tmp_path):
     assert rows["5", "out-quant"]["size_mb"] == pytest.approx(5.0) and rows["float", "none"]["size_mb"] == 32.0
     assert rows["8", "uniform"]["delta_vs_uniform"] is None
     write_table1(table, tmp_path)
-    assert json.loads((tmp_path / "table1.json").read_text()) == table
-    csv_lines = (tmp_path / "table1.csv").read_text().splitlines()
+    assert json.loads(results_file(tmp_path, "table1.json").read_text()) == table
+    csv_lines = results_file(tmp_path, "table1.csv").read_text().splitlines()
     assert csv_lines[0].startswith("precision,scheme,label,AP") and len(csv_lines) == 15
-    md = (tmp_path / "table1.md").read_text().splitlines()
+    md = results_file(tmp_path, "table1.md").read_text().splitlines()
     assert len(md) == 16 and "| 5-bit | Out Sen Quant | 36.4 | +1.3 | - | - | - |" in md[11]
-    assert table1_csv(table) == (tmp_path / "table1.csv").read_text()
+    assert table1_csv(table) == results_file(tmp_path, "table1.csv").read_text()
 
 
 def test_table_with_extra_rows_intervals_and_seed_ranges():

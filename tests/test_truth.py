@@ -1,4 +1,5 @@
-"""The measured per-layer costs (detrq.sensitivity.truth) on the tiny preset: features/head split, caching, Spearman CI."""
+"""The measured per-layer costs (detrq.sensitivity.truth) on the tiny preset: features/head split, caching,
+Spearman CI."""
 
 import math
 
@@ -14,15 +15,8 @@ from detrq.io.results import read_json
 from detrq.models.detr import build_detr
 from detrq.quant.bitmaps import quantizable_layers, quantized, uniform_bit_map
 from detrq.sensitivity.distill import distillation_loss, distillation_terms
-from detrq.sensitivity.truth import (
-    MeasureSettings,
-    as_double,
-    measure_ap_drops,
-    measure_layer_costs,
-    measured_table,
-    run_measured_costs,
-    spearman_ci,
-)
+from detrq.sensitivity.truth import (MeasureSettings, as_double, measure_ap_drops, measure_layer_costs, measured_table,
+                                     run_measured_costs, spearman_ci)
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """Beyond the paper: mAP against average bits and real size for every cost source and quantizer, and Table 2.
 
-One sweep serves both. For each quantizer (``quantizers.py``: eq6, per-channel, gptq) and each cost source (the
+One sweep serves both. For each quantizer (``quant/quantizers.py``: eq6, per-channel, gptq) and each cost source (the
 traces of every scheme, and Measured Sen measured with that quantizer) the ILP allocates bits at each target
 average, every layer choosing from ``SweepSettings.bits`` (3-8: one range for the whole front, so that its points
 are comparable), and the bit map is evaluated with that quantizer (cached like Table 1's evaluations).
@@ -24,6 +24,7 @@ from typing import Any
 from detrq.artifact.pipeline import run_allocation, run_evaluation
 from detrq.data.coco import CocoDetection
 from detrq.io.errors import DetrqError
+from detrq.io.layout import kind_dir, results_file
 from detrq.io.results import write_json_atomic, write_table_files
 from detrq.models.detr import DETR
 from detrq.parallel.launch import Launch
@@ -102,7 +103,7 @@ def run_sweep(model: DETR, checkpoint_sha: str, dataset: CocoDetection, sources:
     must have been measured with q: ``costs.cost_table`` checks it). Bit maps and evaluations are cached under
     ``results_dir/pareto/``.
     """
-    out_dir = Path(results_dir) / "pareto"
+    out_dir = kind_dir(results_dir, "pareto")
     float_eval = run_evaluation(model, checkpoint_sha, dataset, {}, out_dir / "eval_float.json",
                                 batch_size=settings.batch_size, device=settings.device, progress=progress,
                                 label="float")
@@ -138,7 +139,7 @@ def run_sweep(model: DETR, checkpoint_sha: str, dataset: CocoDetection, sources:
         "quantizers": {q: quantizers[q].key for q in quantizers},
         "points": [p.to_dict() for p in points],
     }
-    write_json_atomic(Path(results_dir) / PARETO_FILE, result)
+    write_json_atomic(results_file(results_dir, PARETO_FILE), result)
     return result
 
 
@@ -199,7 +200,7 @@ def table2_markdown(table: Mapping[str, Any]) -> str:
 
 
 def write_table2(table: Mapping[str, Any], results_dir: str | Path) -> None:
-    """``table2.json``, ``table2.csv`` and ``table2.md`` in ``results_dir``, each written atomically."""
+    """``table2.json``, ``table2.csv`` and ``table2.md`` in ``results_dir/tables/``, each written atomically."""
     buf = io.StringIO()
     fields = ["precision", "quantizer", "source", "label", "AP", "delta_uniform", "delta_float", "avg_bits",
               "size_mb"]

@@ -28,6 +28,7 @@ from detrq.evaluation.bootstrap import save_detections
 from detrq.evaluation.evaluate import evaluate
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
 from detrq.io.results import environment, read_json, sha256_file, write_json_atomic
 from detrq.models.detr import DETR
 from detrq.parallel import distributed
@@ -36,19 +37,9 @@ from detrq.quant.allocate import allocate_bits
 from detrq.quant.bitmaps import average_bits, model_size_bits, quantizable_layers, quantized
 from detrq.quant.codes import QuantizerSettings
 from detrq.quant.quantizers import EQ6, WeightQuantizer
-from detrq.sensitivity import (
-    ALL_METRICS,
-    FIRST_ORDER,
-    METRIC_NAMES,
-    METRICS,
-    TraceSettings,
-    approximates,
-    check_metric,
-    distillation_term_traces,
-    first_order_sensitivity,
-    sensitivity,
-    total_trace,
-)
+from detrq.sensitivity import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, TraceSettings, approximates,
+                               check_metric, distillation_term_traces, first_order_sensitivity, sensitivity,
+                               total_trace)
 from detrq.sensitivity.costs import cost_table
 from detrq.sensitivity.trace_checks import check_traces
 
@@ -318,7 +309,7 @@ def _launch_evaluation(launch: Launch, dataset: CocoDetection, bit_map: dict[str
 
 # --- The whole experiment as the notebooks run it: file layout and one call per step ---------------------------
 
-# Result files of the checks beside the traces (names inside a results directory).
+# Result files of the checks beside the traces and bit maps (names; ``io.layout.results_file`` places them).
 STABILITY_FILE = "stability.json"
 CURVATURE_FILE = "curvature_check.json"
 CLAIMS_FILE = "claims.json"
@@ -332,12 +323,12 @@ def _replica_suffix(replica: int) -> str:
 def traces_path(results_dir: str | Path, name: str, replica: int = 0) -> Path:
     """Where ``run_all_traces`` keeps one scheme's traces (the CLI's default name too); replica k > 0 is the
     same estimate with probe seed ``settings.seed + k``, for the convergence check."""
-    return Path(results_dir) / f"traces_{name}{_replica_suffix(replica)}.json"
+    return results_file(results_dir, f"traces_{name}{_replica_suffix(replica)}.json")
 
 
 def bitmap_path(results_dir: str | Path, name: str, avg_bits: float, replica: int = 0) -> Path:
     """Where ``run_all_allocations`` keeps one scheme's bit map for one budget (the CLI's default name too)."""
-    return Path(results_dir) / f"bitmap_{name}_{avg_bits:g}bit{_replica_suffix(replica)}.json"
+    return results_file(results_dir, f"bitmap_{name}_{avg_bits:g}bit{_replica_suffix(replica)}.json")
 
 
 def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
@@ -421,10 +412,10 @@ def run_quant_curve(model: DETR, checkpoint_sha: str, dataset: CocoDetection, re
     for b in (None, *bits):
         name = "eval_float_none.json" if b is None else f"eval_{b}_uniform.json"
         bit_map = {} if b is None else {n: b for n in quantizable_layers(model)}
-        r = run_evaluation(model, checkpoint_sha, dataset, bit_map, results_dir / name, batch_size=batch_size,
-                           device=device, progress=progress, label="float" if b is None else f"{b} uniform")
+        r = run_evaluation(model, checkpoint_sha, dataset, bit_map, results_file(results_dir, name),
+                           batch_size=batch_size, device=device, progress=progress, label="float" if b is None else f"{b} uniform")
         rows.append({"label": "float" if b is None else f"W{b}", "bits": b, "AP": r["metrics"]["AP"],
                      "AP50": r["metrics"]["AP50"]})
     curve = {"rows": rows, "checkpoint_sha256": checkpoint_sha, "protocol": r["protocol"]}
-    write_json_atomic(results_dir / "quant_curve.json", curve)
+    write_json_atomic(results_file(results_dir, "quant_curve.json"), curve)
     return curve

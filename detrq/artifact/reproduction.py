@@ -22,6 +22,7 @@ from typing import Any
 
 from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT
+from detrq.io.layout import RUN_LEVEL, kind_dir, results_file
 from detrq.io.results import cpu_model, read_json, write_json_atomic
 
 IDENTICAL, WITHIN, DIFFERS, NOT_RUN = "identical", "within tolerance", "differs", "not run"
@@ -32,12 +33,13 @@ RESUMED_NAME = ".resumed"  # present when the run went on after an interruption:
 RUNTIME_NAME = "runtime.json"
 ACCEPTED_NAME = "reproduction_accepted.json"  # the report of the run whose results are the committed ones
 RUNS_DIR = PROJECT_ROOT / "runs"
-# The parts of the artifact, each with its run directory and the committed file names it owns (prefixes; the
-# default run owns everything that no other part does).
+# The parts of the artifact, each with its run directory and the committed entries it owns (name prefixes of the
+# top-level entries of results/ and figures/: results/int8/ and figures/int8_*; the default run owns everything
+# that no other part does).
 RUN_NAMES: tuple[str, ...] = ("default", "int8")
-PARTS: dict[str, tuple[str, ...]] = {"default": (), "int8": ("int8_",)}
-# Committed files that accepting never deletes: the reports and the from-scratch runtimes.
-KEEP_PREFIXES = ("reproduction", "runtime_")
+PARTS: dict[str, tuple[str, ...]] = {"default": (), "int8": ("int8",)}
+# Committed files that accepting never deletes: the reports and the from-scratch runtimes (the run-level files).
+KEEP_PREFIXES = RUN_LEVEL
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def compare_table2(committed: dict, regenerated: dict | None, tol: Tolerances) -
 
 def _layer_numel(results: Path) -> dict[str, int]:
     """Weights per layer, from any traces file (bit maps store bits only)."""
-    for path in sorted(results.glob("traces_*.json")):
+    for path in sorted(kind_dir(results, "traces").glob("traces_*.json")):
         layers = read_json(path)["layers"]
         return {n: e["numel"] if "numel" in e else e["kl"]["numel"] for n, e in layers.items()}
     return {}
@@ -139,10 +141,10 @@ def identical_share(a: dict[str, int], b: dict[str, int], numel: dict[str, int])
 def compare_bitmaps(committed_dir: Path, run_dir: Path | None, tol: Tolerances) -> list[dict]:
     numel = _layer_numel(committed_dir)
     lines = []
-    for path in sorted(committed_dir.glob("bitmap_*.json")):
+    for path in sorted(kind_dir(committed_dir, "bitmaps").glob("bitmap_*.json")):
         item = f"bit map {path.stem.removeprefix('bitmap_')}"
         old = read_json(path)["bit_map"]
-        new = _read(run_dir / path.name) if run_dir else None
+        new = _read(results_file(run_dir, path.name)) if run_dir else None
         if run_dir is None:
             lines.append(_line(item, 1.0, None, NOT_RUN))
             continue
@@ -183,12 +185,12 @@ def trace_difference(old: dict[str, Any], new: dict[str, Any], floor: float = 0.
 
 def compare_traces(committed_dir: Path, run_dir: Path | None, tol: Tolerances) -> list[dict]:
     lines = []
-    for path in sorted(committed_dir.glob("traces_*.json")):
+    for path in sorted(kind_dir(committed_dir, "traces").glob("traces_*.json")):
         item = f"traces {path.stem.removeprefix('traces_')}"
         if run_dir is None:
             lines.append(_line(item, 0.0, None, NOT_RUN))
             continue
-        new = _read(run_dir / path.name)
+        new = _read(results_file(run_dir, path.name))
         if new is None:
             lines.append(_line(item, 0.0, None, DIFFERS, "file missing from the run"))
             continue
@@ -257,10 +259,10 @@ def compare_int8(committed: dict, regenerated: dict | None, tol: Tolerances) -> 
 
 def _compare_file(committed_dir: Path, run_dir: Path | None, name: str,
                   compare: Callable[[dict, dict | None], list[dict]]) -> list[dict]:
-    old = _read(committed_dir / name)
+    old = _read(results_file(committed_dir, name))
     if old is None:
         return []
-    new = _read(run_dir / name) if run_dir else None
+    new = _read(results_file(run_dir, name)) if run_dir else None
     if run_dir is not None and new is None:
         return [_line(name, "present", None, DIFFERS, "file missing from the run")]
     return compare(old, new)
@@ -270,7 +272,7 @@ def reused_files(run_results: Path) -> list[str]:
     """Result files of a run directory written before the run started: taken from a cache, not computed."""
     started = run_results.parent / STARTED_NAME
     if not started.is_file():
-        return sorted(p.name for p in run_results.glob("*.json"))
+        return sorted(str(p.relative_to(run_results)) for p in run_results.rglob("*.json"))
     t0 = started.stat().st_mtime
     return sorted(str(p.relative_to(run_results)) for p in run_results.rglob("*")
                   if p.is_file() and p.stat().st_mtime < t0)
@@ -293,7 +295,7 @@ def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
     lines += _compare_file(committed_dir, default, "quant_curve.json", lambda a, b: compare_curve(a, b, tol))
     lines += _compare_file(committed_dir, default, "sensitivity_check.json",
                            lambda a, b: compare_sensitivity(a, b, tol))
-    for path in sorted(committed_dir.glob("int8_*.json")):
+    for path in sorted(kind_dir(committed_dir, "int8").glob("int8_*.json")):
         lines += _compare_file(committed_dir, int8, path.name, lambda a, b: compare_int8(a, b, tol))
     reused = {k: reused_files(d / "results") for k, d in found.items()}
     counts = {v: sum(line["verdict"] == v for line in lines) for v in (IDENTICAL, WITHIN, DIFFERS, NOT_RUN)}
@@ -304,7 +306,7 @@ def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
         verdict = "reused cached results: not a reproduction"
     else:
         verdict = "reproduced" + (" (part of the artifact not run)" if counts[NOT_RUN] else "")
-    committed_runtime = _read(committed_dir / "runtime_default.json") or {}
+    committed_runtime = _read(results_file(committed_dir, "runtime_default.json")) or {}
     return {"verdict": verdict, "from_scratch": from_scratch, "counts": counts,
             "runs": {k: _relative(d) for k, d in found.items()}, "reused": reused,
             "cpu": cpu_model(), "committed_cpu": committed_runtime.get("cpu"),

@@ -22,6 +22,7 @@ from detrq.data.coco import CocoDetection
 from detrq.evaluation.bootstrap import load_detections, paired_bootstrap
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
 from detrq.io.results import write_json_atomic, write_table_files
 from detrq.models.detr import DETR
 from detrq.parallel.launch import Launch
@@ -175,7 +176,7 @@ def _size_mb(evaluation: dict[str, Any]) -> float | None:
 
 def eval_path(results_dir: Path, precision: str, scheme: str, replica: int = 0) -> Path:
     """Where one row's evaluation is cached (replica k > 0: the bit map of probe seed + k)."""
-    return results_dir / f"eval_{precision}_{scheme}{f'_seed{replica}' if replica else ''}.json"
+    return results_file(results_dir, f"eval_{precision}_{scheme}{f'_seed{replica}' if replica else ''}.json")
 
 
 def run_table1(model: DETR, checkpoint_sha: str, dataset: CocoDetection,
@@ -183,8 +184,8 @@ def run_table1(model: DETR, checkpoint_sha: str, dataset: CocoDetection,
                settings: Table1Settings = Table1Settings(), *, extra: Sequence[str] = (),
                replicas: Sequence[dict[str, dict[float, dict[str, Any]]]] = (), labels: dict[str, str] | None = None,
                progress: bool = False, extra_protocol: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate every row (cached in ``results_dir/eval_<precision>_<scheme>.json``, detections beside it), the
-    other probe seeds' bit maps (``replicas``), the paired bootstrap over val images, and write the table.
+    """Evaluate every row (cached in ``results_dir/evaluations/eval_<precision>_<scheme>.json``, detections beside
+    it), the other probe seeds' bit maps (``replicas``), the paired bootstrap over val images, and write the table.
 
     ``extra`` are the schemes beyond the paper's three (e.g. ``out-first-order``, ``measured``) that get rows
     of their own. ``extra_protocol`` (e.g. the Hessian settings and bit ranges) is stored in the table's
@@ -206,7 +207,7 @@ def run_table1(model: DETR, checkpoint_sha: str, dataset: CocoDetection,
             if s in allocs:
                 replica_aps.setdefault((p, s), []).append(100 * evaluation(p, s, allocs, k)["metrics"]["AP"])
     pairs = run_bootstrap(dataset, {row_key(*r): (eval_path(results_dir, *r), evaluations[r]) for r in rows},
-                          bootstrap_pairs(rows), settings, results_dir / "table1_bootstrap.json",
+                          bootstrap_pairs(rows), settings, results_file(results_dir, "table1_bootstrap.json"),
                           progress=progress)
     table = build_table1(evaluations, rows=rows, pairs=pairs, replica_aps=replica_aps, labels=labels)
     table["protocol"] = {**table["protocol"], **(extra_protocol or {}),
@@ -284,8 +285,33 @@ def table1_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPACT_EXTRA: tuple[str, ...] = ("out-first-order", MEASURED)  # the rows beyond the paper on the front page
+
+
+def table1_compact_markdown(table: dict[str, Any], extra: Sequence[str] = COMPACT_EXTRA) -> str:
+    """The front page's Table 1: the paper's 14 rows and, at each mixed precision, the ``extra`` schemes after
+    the paper's (marked *beyond the paper*); AP, Δ vs uniform with its interval, average bits, the paper's AP."""
+    level = table.get("protocol", {}).get("bootstrap", {}).get("level", 0.95)
+    by_key = {(r["precision"], r["scheme"]): r for r in table["rows"]}
+    lines = [f"| Precision | Scheme | AP (%) | Δ vs uniform [{100 * level:g}% CI] | avg bits | paper AP (%) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for key in table_rows(extra):
+        r = by_key.get(key)
+        if r is None:
+            continue
+        precision = "Float" if r["precision"] == "float" else f"{r['precision']}-bit"
+        label = r.get("label", SCHEME_NAMES.get(r["scheme"], r["scheme"])).replace(" (beyond the paper)", "")
+        label = label if (r["precision"], r["scheme"]) in PAPER_TABLE1 else f"{label} *"
+        delta = _fmt(r["delta_vs_uniform"], 1, True)
+        if r["delta_vs_uniform"] is not None and r.get("delta_ci") is not None:
+            delta += f" {_fmt_ci(r['delta_ci'])}"
+        lines.append(f"| {precision} | {label} | {_fmt(r['AP'], 1)} | {delta} | {_fmt(r['avg_bits'], 2)} | "
+                     f"{_fmt(r['paper_AP'], 1)} |")
+    return "\n".join(lines) + "\n\n\\* beyond the paper\n"
+
+
 def write_table1(table: dict[str, Any], results_dir: str | Path) -> None:
-    """``table1.json``, ``table1.csv`` and ``table1.md`` in ``results_dir``, each written atomically."""
+    """``table1.json``, ``table1.csv`` and ``table1.md`` in ``results_dir/tables/``, each written atomically."""
     write_table_files(results_dir, "table1", table, {"csv": table1_csv(table), "md": table1_markdown(table)})
 
 

@@ -4,8 +4,9 @@ Modules: ``detector`` (the embedded Faster R-CNN and its checkpoint), ``stock`` 
 R-CNNs with random weights and recalibrated BN), ``data`` (torchvision-style targets over the COCO-layout dataset),
 ``train`` (training it), ``detect`` (inference, mAP via the shared ``coco_metrics``, float-vs-int8 detection
 errors), ``plan`` (which parts get int8, the traceable float copy, the backend interface), ``quantize`` (the one
-entry point ``quantize_int8``) with FX-traceable RPN-head and box-predictor stand-ins in ``heads``, its backends in ``backends`` (fx, pt2e) and ``onnx_export`` (onnxruntime,
-ONNX export and the ORT report), ``measure`` (size, latency, peak memory), ``stages`` (per-stage time and output
-breakdown), ``activations`` and ``plots`` (float-vs-int8 activation maps) and ``workflow`` (the end-to-end run
-behind ``python -m detrq int8`` and the notebook).
+entry point ``quantize_int8``) with FX-traceable RPN-head and box-predictor stand-ins in ``heads``, its backends
+in ``backends`` (fx, pt2e) and ``onnx_export`` (onnxruntime, ONNX export and the ORT report), ``measure`` (size,
+latency, peak memory), ``stages`` (per-stage time and output breakdown), ``activations`` and ``plots``
+(float-vs-int8 activation maps) and ``workflow`` (the end-to-end run behind ``python -m detrq int8`` and the
+notebook).
 """

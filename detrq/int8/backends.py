@@ -93,10 +93,8 @@ def pt2e_backend(compile: bool = False) -> Backend:
     """
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (X86InductorQuantizer,
+                                                                            get_default_x86_inductor_quantization_config)
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
 

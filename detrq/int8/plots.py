@@ -15,10 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers, CI or papermill kernels
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from torch import (
-    Tensor,  # noqa: E402
-    nn,  # noqa: E402
-)
+from torch import Tensor, nn  # noqa: E402
 
 from detrq.int8.activations import LayerDiff, compare_layers, fused_float_reference  # noqa: E402
 

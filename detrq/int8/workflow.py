@@ -32,6 +32,7 @@ from detrq.int8.stages import compare_breakdowns, stage_breakdown
 from detrq.int8.stock import STOCK_IMAGE_SIZE, STOCK_MODELS, build_stock
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
 from detrq.io.paths import PROJECT_ROOT, resolve_path
 from detrq.io.results import environment, sha256_file, write_json_atomic
 
@@ -170,7 +171,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
                                       if getattr(cfg, k) is not None})
     fm = float_model(cfg)
     model, trained = fm.model, fm.checkpoint_sha256 is not None
-    out = cfg.out or str(PROJECT_ROOT / "results" / f"int8_{fm.name}_{cfg.backend}.json")
+    out = cfg.out or str(results_file(PROJECT_ROOT / "results", f"int8_{fm.name}_{cfg.backend}.json"))
     key = _cache_key(cfg, fm.checkpoint_sha256)
     cached = load_cached(out, key) if reuse else None
     if cached is not None:

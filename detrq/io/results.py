@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from detrq.io.errors import DetrqError
+from detrq.io.layout import results_file
 
 
 @contextmanager
@@ -44,10 +45,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_table_files(results_dir: str | os.PathLike, stem: str, table: Any, texts: dict[str, str]) -> None:
     """A table as ``stem.json`` plus one text rendering per suffix (``{"csv": ..., "md": ...}``), each atomic."""
-    results_dir = Path(results_dir)
-    write_json_atomic(results_dir / f"{stem}.json", table)
+    write_json_atomic(results_file(results_dir, f"{stem}.json"), table)
     for suffix, text in texts.items():
-        with atomic_output(results_dir / f"{stem}.{suffix}") as tmp:
+        with atomic_output(results_file(results_dir, f"{stem}.{suffix}")) as tmp:
             tmp.write_text(text)
 
 
