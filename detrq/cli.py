@@ -115,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_traces(args: argparse.Namespace) -> None:
-    from detrq.artifact.pipeline import run_traces
+    from detrq.artifact.pipeline import run_traces, traces_path
     from detrq.sensitivity import FIRST_ORDER, TraceSettings, rel_stderr
 
     settings = TraceSettings(num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
@@ -123,7 +123,7 @@ def cmd_traces(args: argparse.Namespace) -> None:
                              min_probes=args.min_probes, rel_tol=args.rel_tol, probes_per_pass=args.probes_per_pass,
                              seed=args.seed, jacobian=args.jacobian, jacobian_probes=args.jacobian_probes)
     checkpoint, coco, split = _resolve(args, "train")
-    out = args.out or f"results/traces_{args.metric}.json"
+    out = args.out or traces_path("results", args.metric)
     with distributed.process_group(args.device) as device:
         model, sha = _load_model(args, checkpoint, device)
         result = run_traces(model, sha, coco, split, args.metric, out, settings, device=device,
@@ -138,7 +138,7 @@ def cmd_traces(args: argparse.Namespace) -> None:
 
 
 def cmd_allocate(args: argparse.Namespace) -> None:
-    from detrq.artifact.pipeline import run_allocation
+    from detrq.artifact.pipeline import bitmap_path, run_allocation
     from detrq.io.results import read_json
     from detrq.models.loading import load_model
     from detrq.quant.allocate import paper_bits_range, parse_bits_range
@@ -156,7 +156,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
         raise DetrqError(f"{args.traces} was computed for another checkpoint (sha256 "
                          f"{traces['checkpoint_sha256'][:12]}, this one {sha[:12]})")
     bits = parse_bits_range(args.bits) if args.bits else paper_bits_range(args.avg_bits)
-    out = args.out or f"results/bitmap_{traces.get('metric', 'measured')}_{args.avg_bits:g}bit.json"
+    out = args.out or bitmap_path("results", traces.get("metric", "measured"), args.avg_bits)
     result = run_allocation(model, traces, args.avg_bits, bits, out, negative_traces=args.negative_traces,
                             time_limit=args.time_limit)
     print(f"{result['metric']}: average {result['avg_bits']:.3f} bits (target {args.avg_bits:g}, range "
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rel-tol", type=float, default=0.05,
                    help="stop when every layer's relative stderr is below this (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="probe seed (default: %(default)s)")
-    s.add_argument("--out", help="default: results/traces_<metric>.json")
+    s.add_argument("--out", help="default: results/traces/traces_<metric>.json")
     s.set_defaults(func=cmd_traces, writes=lambda a: Path(a.out).parent if a.out else Path("results"), ranks=True)
 
     s = sub.add_parser("allocate", help="ILP bit allocation from a traces or measured-costs file (Eq. (2) / (4))")
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-traces", default="keep", choices=list(NEGATIVE_POLICIES),
                    help="what the ILP does with a negative trace estimate (default: %(default)s)")
     s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
-    s.add_argument("--out", help="default: results/bitmap_<metric>_<avg>bit.json")
+    s.add_argument("--out", help="default: results/bitmaps/bitmap_<metric>_<avg>bit.json")
     s.set_defaults(func=cmd_allocate, writes=lambda a: Path(a.out).parent if a.out else Path("results"))
 
     s = sub.add_parser("curve", help="AP under uniform Eq. (6) weight quantization at 8..3 bits")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pareto", help="notebook 07: mAP-vs-bits Pareto fronts, three quantizers, Table 2",
                        description="Runs notebook 07 (papermill) with a parameter file: every sensitivity scheme "
                        "and Measured Sen allocated at 3.5..8 average bits and evaluated, per quantizer; writes "
-                       "results/pareto.json, results/table2.*, figures/fig3_pareto.* and figures/fig4_per_class.*. "
+                       "results/pareto/, results/tables/table2.*, figures/fig3_pareto.* and figures/fig4_per_class.*. "
                        "Needs notebook 01's traces and notebook 02's measured costs in the results folder.")
     s.add_argument("--params", default="params/default.yaml", help="YAML parameter file (default: %(default)s)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", help="where the executed notebook goes (default: over notebooks/07_pareto.ipynb)")
     s.set_defaults(func=cmd_pareto)
 
-    s = sub.add_parser("readme", help="regenerate README.md's result sections from results/")
-    s.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"), help="default: the repository's")
+    s = sub.add_parser("readme", help="regenerate the result sections of README.md and docs/*.md from results/")
+    s.add_argument("--readme", default=str(PROJECT_ROOT),
+                   help="a page to regenerate, or a directory: its README.md and docs/*.md (default: the repository)")
     s.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="default: %(default)s")
     s.set_defaults(func=cmd_readme)
 
@@ -390,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--large-batch-image-size", type=int, help="image size of the peak-memory batches >= 32")
     s.add_argument("--compile", action="store_true", help="pt2e: torch.compile the int8 parts (int8 kernels)")
     s.add_argument("--figures", help="write the activation figures (fx backend) to this directory")
-    s.add_argument("--out", help="default: results/int8_<model>_<backend>.json")
+    s.add_argument("--out", help="default: results/int8/int8_<model>_<backend>.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_int8, writes=lambda a: Path(a.out).parent if a.out else PROJECT_ROOT / "results")
     return p
@@ -433,8 +434,9 @@ def cmd_curve(args: argparse.Namespace) -> None:
 def cmd_readme(args: argparse.Namespace) -> None:
     from detrq.artifact.readme import update_readme
 
-    found = update_readme(args.readme, args.results_dir)
-    print(f"updated {args.readme}: {', '.join(found) or 'no generated sections'}")
+    for page, found in update_readme(args.readme, args.results_dir).items():
+        shown = page.resolve().relative_to(PROJECT_ROOT) if page.resolve().is_relative_to(PROJECT_ROOT) else page
+        print(f"updated {shown}: {', '.join(found) or 'no generated sections'}")
 
 
 def _run_dirs() -> dict[str, Path]:
@@ -489,6 +491,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_accept(args: argparse.Namespace) -> None:
     import shutil
 
+    from detrq.io.layout import results_file
     from detrq.artifact.readme import update_readme
     from detrq.artifact.reproduction import ACCEPTED_NAME, PARTS, REPORT_NAME, RUNTIME_NAME, accept_runs
     from detrq.io.results import read_json
@@ -501,13 +504,13 @@ def cmd_accept(args: argparse.Namespace) -> None:
     for name, run_dir in runs.items():
         runtime = run_dir / RUNTIME_NAME
         if runtime.is_file() and read_json(runtime)["from_scratch"]:
-            shutil.copy2(runtime, results / f"runtime_{name}.json")
+            shutil.copy2(runtime, results_file(results, f"runtime_{name}.json"))
         elif runtime.is_file():
             print(f"runtime of runs/{name} not taken: that run reused cached results")
     shutil.copy2(results / REPORT_NAME, results / ACCEPTED_NAME)
     print(f"accepted {len(copied)} files from runs/ into results/ and figures/; report kept as results/{ACCEPTED_NAME}")
-    found = update_readme(PROJECT_ROOT / "README.md", results)
-    print(f"updated README.md: {', '.join(found)}")
+    for page, found in update_readme(PROJECT_ROOT, results).items():
+        print(f"updated {page.relative_to(PROJECT_ROOT)}: {', '.join(found) or 'no generated sections'}")
 
 
 CHECK_DATA_HELP = """Check a COCO-format data set before use, as every loader does: the JSON's structure and types;

@@ -1,25 +1,34 @@
-"""Regenerates README.md's result sections from results/*.json, so no number in the README is typed by hand.
+"""Regenerates the result sections of README.md and docs/*.md from results/, so no number in them is typed by hand.
 
-A generated section sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``;
-everything outside the markers is hand-written prose and is left alone. A section whose results file is
-missing says so instead of showing numbers.
+A generated section sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``, in
+README.md (the front page) or any page of docs/; everything outside the markers is hand-written prose and is left
+alone. ``SECTIONS`` lists the names; a marker with another name, or without its END, is an error, so no section
+goes stale unnoticed. A section whose results file is missing says so, with the file's path in the results layout,
+instead of showing numbers.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from detrq.artifact.claim_commands import RUN_COMMANDS, claim_commands_markdown
 from detrq.artifact.pareto import table2_markdown
-from detrq.artifact.table1 import claims_markdown, table1_markdown
+from detrq.artifact.reproduction import Tolerances
+from detrq.artifact.table1 import VERDICTS, claims_markdown, table1_compact_markdown, table1_markdown
+from detrq.io.errors import DetrqError
+from detrq.io.layout import kind_dir, results_file, results_name
 from detrq.io.results import read_json
 from detrq.sensitivity.check import rho_lookup
 
+MARKER = re.compile(r"<!-- (BEGIN|END) generated:([\w-]+) -->")
+SECTION = re.compile(r"(<!-- BEGIN generated:([\w-]+) -->\n).*?(<!-- END generated:\2 -->)", re.S)
+
 
 def _missing(name: str) -> str:
-    return f"_Not generated yet: `results/{name}` is missing; run `./reproduce.sh`._\n"
+    return f"_Not generated yet: `results/{results_name(name)}` is missing; run `./reproduce.sh`._\n"
 
 
 def quant_curve_markdown(curve: dict[str, Any]) -> str:
@@ -68,6 +77,67 @@ def runtime_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
         steps = ", ".join(f"{s['name']} {s['seconds']} s" for s in runtime["steps"])
         lines.append(f"- `{command}`: {runtime['total_seconds'] / 60:.1f} minutes from scratch on {runtime['cpu']} "
                      f"({runtime['threads_available']} cores available, no GPU): {steps}.")
+    return "\n".join(lines) + "\n"
+
+
+def runtime_compact_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
+    """The front page's runtime line: each part's total from its last accepted from-scratch run."""
+    return "\n".join(f"- `{command}`: {runtime['total_seconds'] / 60:.0f} minutes from scratch on {runtime['cpu']} "
+                     f"({runtime['threads_available']} cores, no GPU)" for command, runtime in runtimes.items()) + "\n"
+
+
+def table1_compact_section(table: dict[str, Any]) -> str:
+    """The front page's Table 1 with its protocol in one line (from the table's own protocol)."""
+    p = table.get("protocol", {})
+    boot = p.get("bootstrap", {})
+    caption = (f"COCO AP (%) of the embedded default on the {p.get('num_images', '?')} images of its "
+               f"`{p.get('split', '?')}` split; the paper's DETR-R50 on COCO val2017 beside it. Δ is against uniform "
+               f"at the same precision, with a paired bootstrap {100 * boot.get('level', 0.95):g}% interval over "
+               f"the val images ({boot.get('n_boot', '?')} resamples).")
+    return caption + "\n\n" + table1_compact_markdown(table)
+
+
+PLURAL = {"holds": "hold", "does not hold": "do not hold"}
+
+
+def claims_summary_markdown(claims: dict[str, Any]) -> str:
+    """One line: how many of the paper's claims, and of the claims beyond it, hold on this run."""
+    parts = []
+    for beyond, what in ((False, "claims from the paper"), (True, "beyond the paper")):
+        rows = [c for c in claims["claims"] if c.get("beyond_paper", False) == beyond]
+        counts = ", ".join(f"{sum(c['verdict'] == v for c in rows)} {PLURAL.get(v, v)}" for v in VERDICTS)
+        parts.append(f"of the {len(rows)} {what}, {counts}")
+    return f"On this run, {parts[0]}; {parts[1]} (`results/{results_name('claims.json')}`).\n"
+
+
+# Why each tolerance of ``reproduction.Tolerances`` is as large as it is; its value comes from the code.
+TOLERANCE_REASONS: dict[str, tuple[str, str]] = {
+    "ap_points": ("Table 1 rows, the uniform curve: AP (points)",
+                  "on another CPU or thread count float sums run in another order; that can flip an ILP tie for one "
+                  "layer, which moves AP by hundredths; below Table 1's printed precision"),
+    "avg_bits": ("Table 1 rows: average bits", "a flipped tie moves one layer, a small share of the weights"),
+    "bitmap_share": ("bit maps: share of weights with the same bits (at least)",
+                     "a flipped tie moves one layer, a small share of the weights"),
+    "trace_rel": ("per-layer traces: max relative difference over layers whose \\|trace\\| exceeds its stderr",
+                  "well above the relative drift between CPU runs (the report's trace lines show it); noise-level "
+                  "layers have no digits to compare"),
+    "trace_floor": ("per-layer traces: not compared below this fraction of the file's largest",
+                    "float32 rounding of a zero (the first decoder self-attention sees an all-zero target: its "
+                    "trace is rounding noise that differs between CPUs)"),
+    "rho": ("notebook 05's Spearman ρ", "a tie flip in a measured cost moves it by less"),
+    "latency_band": ("INT8 latency ratio, regenerated / committed (AP and sizes: exact)",
+                     "serialized bytes are fixed; timings vary with load and the CPU's int8 instructions"),
+}
+
+
+def tolerances_markdown(tolerances: Tolerances = Tolerances()) -> str:
+    """The reproduction report's tolerances (``detrq.artifact.reproduction.Tolerances``) with their reasons."""
+    lines = ["| what | tolerance | why that much |", "|---|---:|---|"]
+    for key, value in tolerances.describe().items():
+        what, why = TOLERANCE_REASONS.get(key, (key, "-"))
+        shown = f"x{value[0]:g} to x{value[1]:g}" if isinstance(value, (tuple, list)) else f"{value:g}"
+        lines.append(f"| {what} | {shown} | {why} |")
+    lines.append("| claims: verdict | the same | a claim is a conclusion: no tolerance |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,42 +209,107 @@ def table2_section(table: dict[str, Any]) -> str:
 
 
 def _section(results: Path, name: str, render: Callable[[Any], str]) -> str:
-    path = results / name
+    path = results_file(results, name)
     return render(read_json(path)) if path.is_file() else _missing(name)
 
 
+SECTIONS: tuple[str, ...] = (
+    "table1-compact", "claims-summary", "runtime-compact",  # README.md, the front page
+    "table1", "claims", "sensitivity", "convergence", "quant-curve", "table2",  # docs/results.md
+    "int8", "int8-breakdown",  # docs/int8.md (the INT8 table also in docs/results.md)
+    "runtime", "reproduction", "tolerances", "claim-commands",  # docs/reproducing.md
+)
+
+
 def sections(results_dir: str | Path) -> dict[str, str]:
-    """The text of every generated section, from the files in ``results_dir``."""
+    """The text of every generated section (``SECTIONS``), from the files in ``results_dir``."""
     results = Path(results_dir)
-    int8 = sorted(results.glob("int8_*.json"))
-    runtimes = {command: read_json(results / f"runtime_{run}.json")
-                for run, command in (("default", "./reproduce.sh"), ("int8", "./reproduce.sh int8"))
-                if (results / f"runtime_{run}.json").is_file()}
-    return {
+    int8 = sorted(kind_dir(results, "int8").glob("int8_*.json"))
+    runtimes = {command: read_json(results_file(results, f"runtime_{run}.json"))
+                for run, command in RUN_COMMANDS.items() if results_file(results, f"runtime_{run}.json").is_file()}
+    text = {
+        "table1-compact": _section(results, "table1.json", table1_compact_section),
+        "claims-summary": _section(results, "claims.json", claims_summary_markdown),
+        "runtime-compact": runtime_compact_markdown(runtimes) if runtimes else _missing("runtime_default.json"),
         "table1": _section(results, "table1.json", table1_markdown),
         "claims": _section(results, "claims.json", lambda d: claims_markdown(d["claims"])),
         "sensitivity": _section(results, "sensitivity_check.json", sensitivity_markdown),
         "convergence": _section(results, "seed_stability.json", convergence_markdown),
         "quant-curve": _section(results, "quant_curve.json", quant_curve_markdown),
         "table2": _section(results, "table2.json", table2_section),
-        "runtime": runtime_markdown(runtimes) if runtimes else _missing("runtime_default.json"),
-        "reproduction": _section(results, "reproduction_accepted.json", reproduction_markdown),
         "int8": int8_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),
         "int8-breakdown": int8_breakdown_markdown([read_json(p) for p in int8]) if int8 else _missing("int8_*.json"),
+        "runtime": runtime_markdown(runtimes) if runtimes else _missing("runtime_default.json"),
+        "reproduction": _section(results, "reproduction_accepted.json", reproduction_markdown),
+        "tolerances": tolerances_markdown(),
+        "claim-commands": claim_commands_markdown(results),
     }
+    assert tuple(text) == SECTIONS
+    return text
 
 
-def update_readme(readme: str | Path, results_dir: str | Path) -> list[str]:
-    """Rewrite the generated sections of ``readme`` in place; returns the names of the sections found."""
-    readme = Path(readme)
-    text = readme.read_text()
-    found = []
-    for name, body in sections(results_dir).items():
-        pattern = re.compile(rf"(<!-- BEGIN generated:{name} -->\n).*?(<!-- END generated:{name} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+def doc_files(root: str | Path) -> list[Path]:
+    """The pages whose generated sections ``python -m detrq readme`` fills: README.md and docs/*.md."""
+    root = Path(root)
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def fill_sections(text: str, bodies: dict[str, str], where: str = "text") -> tuple[str, list[str]]:
+    """``text`` with every generated section's body replaced by ``bodies[name]``; returns it and the names found.
+
+    A marker whose name has no body, or a BEGIN without its END, is an error naming ``where``.
+    """
+    found: list[str] = []
+    opened: str | None = None
+    for m in MARKER.finditer(text):
+        kind, name = m.groups()
+        if name not in bodies:
+            raise DetrqError(f"{where}: unknown generated section {name!r}; the sections are {', '.join(bodies)} "
+                             "(detrq/artifact/readme.py)")
+        if kind == "BEGIN":
+            if opened is not None:
+                raise DetrqError(f"{where}: section {opened!r} has no END marker before {name!r} begins")
+            opened = name
+        elif opened != name:
+            raise DetrqError(f"{where}: END of {name!r} without its BEGIN")
+        else:
             found.append(name)
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(readme)
-    return found
+            opened = None
+    if opened is not None:
+        raise DetrqError(f"{where}: section {opened!r} has no END marker")
+    filled = []
+
+    def body(m: re.Match[str]) -> str:
+        filled.append(m.group(2))
+        return m.group(1) + bodies[m.group(2)] + m.group(3)
+
+    text = SECTION.sub(body, text)
+    if filled != found:
+        raise DetrqError(f"{where}: a BEGIN generated marker must end its line (found {found}, filled {filled})")
+    return text, found
+
+
+def update_readme(target: str | Path | Iterable[str | Path], results_dir: str | Path) -> dict[Path, list[str]]:
+    """Rewrite the generated sections in place, from ``results_dir``; returns ``{page: names of its sections}``.
+
+    ``target`` is the repository root (README.md and docs/*.md), one page, or a list of pages. A page is written
+    (atomically) only when its text changes.
+    """
+    if isinstance(target, (str, Path)):
+        target = Path(target)
+        pages = doc_files(target) if target.is_dir() else [target]
+    else:
+        pages = [Path(p) for p in target]
+    bodies = sections(results_dir)
+    updated: dict[Path, list[str]] = {}
+    for page in pages:
+        if not page.is_file():
+            raise DetrqError(f"{page}: no such page to regenerate")
+        text = page.read_text()
+        new, found = fill_sections(text, bodies, str(page))
+        updated[page] = found
+        if new != text:
+            tmp = page.with_name(f".{page.name}.tmp")
+            tmp.write_text(new)
+            tmp.replace(page)
+    return updated

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from detrq.io.errors import DetrqError
-from detrq.io.paths import PROJECT_ROOT
+from detrq.io.paths import PROJECT_ROOT, repo_relative
 from detrq.io.layout import RUN_LEVEL, kind_dir, results_file
 from detrq.io.results import cpu_model, read_json, write_json_atomic
 
@@ -308,14 +308,9 @@ def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
         verdict = "reproduced" + (" (part of the artifact not run)" if counts[NOT_RUN] else "")
     committed_runtime = _read(results_file(committed_dir, "runtime_default.json")) or {}
     return {"verdict": verdict, "from_scratch": from_scratch, "counts": counts,
-            "runs": {k: _relative(d) for k, d in found.items()}, "reused": reused,
+            "runs": {k: repo_relative(d.resolve()) for k, d in found.items()}, "reused": reused,
             "cpu": cpu_model(), "committed_cpu": committed_runtime.get("cpu"),
             "tolerances": tol.describe(), "lines": lines}
-
-
-def _relative(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
 def _fmt(value: Any) -> str:

@@ -24,7 +24,7 @@ from detrq.int8.data import detection_dataset
 from detrq.int8.detect import evaluate_detector
 from detrq.int8.detector import FrcnnConfig, build_frcnn, save_frcnn
 from detrq.io.errors import DetrqError
-from detrq.io.paths import PROJECT_ROOT
+from detrq.io.paths import PROJECT_ROOT, repo_relative
 from detrq.io.results import environment, sha256_file, write_json_atomic
 
 
@@ -110,7 +110,7 @@ def train_frcnn(cfg: FrcnnTrainConfig, model_cfg: FrcnnConfig = FrcnnConfig(), p
         "checkpoint": Path(cfg.out).name,
         "sha256": sha256_file(cfg.out),
         "model_config": dataclasses.asdict(model_cfg),
-        "train_config": dataclasses.asdict(cfg),
+        "train_config": {**dataclasses.asdict(cfg), "data": repo_relative(cfg.data), "out": repo_relative(cfg.out)},
         "data": info,
         "iterations": cfg.iters,
         "wall_time_s": round(wall, 1),

@@ -33,7 +33,7 @@ from detrq.int8.stock import STOCK_IMAGE_SIZE, STOCK_MODELS, build_stock
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import results_file
-from detrq.io.paths import PROJECT_ROOT, resolve_path
+from detrq.io.paths import PROJECT_ROOT, repo_relative, resolve_path
 from detrq.io.results import environment, sha256_file, write_json_atomic
 
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
@@ -235,7 +235,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
                         "image_ids": fm.calib_ids, "policy": "class_balanced_subset"},
         "checkpoint": Path(cfg.checkpoint).name if trained else None,
         "checkpoint_sha256": fm.checkpoint_sha256,
-        "config": {k: _repo_relative(v) if k in _PATH_FIELDS else v for k, v in dataclasses.asdict(cfg).items()
+        "config": {k: repo_relative(v) if k in _PATH_FIELDS and v is not None else v for k, v in dataclasses.asdict(cfg).items()
                    if k not in _OUTPUT_FIELDS},
         "environment": environment(),
         "cache_key": key,
@@ -249,14 +249,6 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
         record["onnx"] = onnx_report(model, qmodel, lat_images, cfg.latency_repeats)
     write_json_atomic(out, record)
     return record
-
-
-def _repo_relative(path: str | None) -> str | None:
-    """A results file names paths relative to the repository root when they lie inside it (portable results)."""
-    if path is None:
-        return None
-    p = Path(path)
-    return str(p.relative_to(PROJECT_ROOT)) if p.is_absolute() and p.is_relative_to(PROJECT_ROOT) else path
 
 
 def activation_figures(model: nn.Module, qmodel: nn.Module, image: Tensor, float_dets: Detections,

@@ -10,3 +10,12 @@ def resolve_path(path: str | Path) -> Path:
     files whether papermill or nbval starts it in the repository root or in ``notebooks/``."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies inside it, else as given: what a committed file
+    stores, so that it holds no absolute path of the machine that made it."""
+    p = Path(path)
+    if p.is_absolute() and p.resolve().is_relative_to(PROJECT_ROOT):
+        return str(p.resolve().relative_to(PROJECT_ROOT))
+    return str(path)

@@ -28,6 +28,7 @@ from detrq.data.coco import CocoDetection, EvalTransform, TrainTransform
 from detrq.data.loading import shuffled_batches
 from detrq.evaluation.evaluate import evaluate
 from detrq.io.errors import DetrqError
+from detrq.io.paths import repo_relative
 from detrq.io.results import environment, sha256_file, write_json_atomic
 from detrq.models.criterion import build_criterion, weighted_loss
 from detrq.models.detr import DETR, build_detr, build_trunk
@@ -242,7 +243,7 @@ def finalize(cfg: TrainConfig, model: DETR, val_set: CocoDetection, history: lis
         "sha256": sha256_file(out),
         "preset": cfg.preset,
         "model_config": dataclasses.asdict(model.cfg),
-        "train_config": dataclasses.asdict(cfg),
+        "train_config": {**dataclasses.asdict(cfg), "data": repo_relative(cfg.data), "out": repo_relative(cfg.out)},
         "data": info,
         "iterations": cfg.iters,
         "wall_time_s": round(wall, 1),
