@@ -47,6 +47,13 @@ setup_venv() {
     .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
     touch .venv/.detrq-installed
   fi
+  # JupyterLab as the project ships it (no news popup, no autosave over the committed notebooks): the venv's
+  # settings overrides, which apply to this environment only, never to the user's home.
+  local lab_settings=.venv/share/jupyter/lab/settings
+  if ! cmp -s notebooks/jupyterlab-overrides.json "$lab_settings/overrides.json"; then
+    mkdir -p "$lab_settings"
+    cp notebooks/jupyterlab-overrides.json "$lab_settings/overrides.json"
+  fi
 }
 
 acquire_run_lock() {  # one ./reproduce.sh at a time per checkout: a second one names the first and stops
@@ -130,13 +137,18 @@ run_accept() {
   acquire_run_lock
   setup_venv
   .venv/bin/python -m detrq accept
-  # The committed notebooks are re-rendered from the accepted results (every step is a cache hit), so that
-  # they show the committed files' paths and nbval re-executes them against those files.
+  # The committed notebooks are re-rendered from the accepted results into the walkthrough's run directory,
+  # filled afresh from them (every step is a cache hit), so that they show the values and outputs a reader gets
+  # when opening them, and nbval re-executes them there; the committed results/ and figures/ are only read.
+  rm -rf runs/walkthrough
+  local walkthrough="--set results_dir=runs/walkthrough/results --set figures_dir=runs/walkthrough/figures"
+  # shellcheck disable=SC2086
   step "re-render notebooks 01-05 and 07 from the accepted results" .venv/bin/python -m detrq notebooks \
-    --params params/default.yaml
+    --params params/default.yaml $walkthrough
   if ls results/int8/int8_*.json >/dev/null 2>&1; then
+    # shellcheck disable=SC2086
     step "re-render notebook 06 from the accepted results" .venv/bin/python -m detrq notebooks \
-      --params params/int8.yaml --only 06_int8_faster_rcnn
+      --params params/int8.yaml $walkthrough --only 06_int8_faster_rcnn
   fi
   echo "== accepted; review with git status / git diff, then commit"
 }

@@ -1,5 +1,6 @@
-"""The interactive walkthrough works as README says: the venv's Jupyter server lists the notebooks over its REST
-API, and a kernel that the server starts imports detrq and runs notebook 01's first code cells."""
+"""The interactive walkthrough works as README says: the venv's Jupyter server, rooted at the repository, lists the
+notebooks over its REST API, and a kernel that the server starts imports detrq and runs notebook 01's parameters and
+setup cells (tests/test_browser_walkthrough.py drives JupyterLab itself in a browser)."""
 
 import json
 import os
@@ -74,8 +75,9 @@ def test_server_lists_notebooks_and_its_kernel_runs_notebook_01(server):
         client.start_channels()
         client.wait_for_ready(timeout=120)
         nb = nbformat.read(str(PROJECT_ROOT / "notebooks" / "01_hessian_traces.ipynb"), as_version=4)
-        # The parameters cell and the setup cell: imports detrq, loads the mini checkpoint, builds the settings.
-        first = [c.source for c in nb.cells if c.cell_type == "code"][:3]
+        # The parameters cell and the setup cell: imports detrq, fills the walkthrough's run directory (under
+        # runs/, gitignored) on first use, loads the mini checkpoint, builds the settings.
+        first = [c.source for c in nb.cells if c.cell_type == "code"][:2]
         outputs = []
         for source in first + ["import detrq, os; print(type(model).__name__, len(schemes), detrq.__file__)"]:
             reply = client.execute_interactive(source, timeout=300, output_hook=outputs.append)

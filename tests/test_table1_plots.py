@@ -10,9 +10,11 @@ import nbformat
 import pytest
 import torch
 
-from detrq.artifact.figures import figure1_data, figure2_data, layer_region, plot_figure1, plot_figure2, region_spans
-from detrq.artifact.notebooks import (allocation_summary, clean_notebook, load_parameters, parse_override,
-                                      region_mean_bits, table1_summary)
+from detrq.artifact.figures import (figure1_data, figure2_data, layer_region, negative_at, plot_figure1, plot_figure2,
+                                    region_spans)
+from detrq.artifact.notebooks import (allocation_summary, claims_overview, clean_notebook, load_parameters,
+                                      parse_override, region_mean_bits, seed_stability_markdown,
+                                      seed_stability_summary, table1_summary, traces_markdown)
 from detrq.artifact.table1 import (PAPER_TABLE1, ROWS, bootstrap_pairs, build_table1, check_claims, claims_markdown,
                                    interval_verdict, paper_delta, row_key, table1_csv, table1_markdown, table_rows,
                                    write_claims, write_table1)
@@ -173,6 +175,15 @@ def test_figure1_data_keeps_nonpositive_estimates_visible():
     assert loss["nonpositive"] == [1, 2] and loss["log10"][1] is None and loss["log10"][3] == pytest.approx(2.0)
     assert loss["lower"][0] is None and loss["upper"][0] == pytest.approx(math.log10(3.0))
     assert data["metrics"]["out-float"]["nonpositive"] == []
+    assert loss["significant_negative"] == []  # no samples: nothing is known to lie below zero
+    for n, samples in zip(LAYERS, ([1.0], [-2.1, -1.9], [0.3, -0.3], [4.0])):
+        traces["loss"]["layers"][n]["samples"] = samples
+    replica = {"loss": {"layers": {n: {"samples": s} for n, s in zip(LAYERS, ([1.0], [-2.0, -2.2], [0.2, -0.4],
+                                                                              [4.0]))}}}
+    pooled = figure1_data(traces, [replica])["metrics"]["loss"]
+    assert pooled["significant_negative"] == [1] and pooled["pooled_samples"] == 2
+    assert negative_at([-2.1, -1.9, -2.0, -2.2]) and not negative_at([0.3, -0.3, 0.2, -0.4])
+    assert not negative_at([-1.0]) and negative_at([-1.0, -1.0])
     assert data["floor"] == math.floor(min(math.log10(1e-5 * 0.9), -5)) - 1
     assert data["layers"] == LAYERS and [s[0] for s in data["spans"]] == ["encoder", "decoder", "heads/proj",
                                                                             "backbone"]
@@ -207,11 +218,51 @@ def test_region_mean_bits_and_summaries():
     assert region_mean_bits(bit_map) == {"backbone": 5.0, "encoder": 4.0, "decoder": 6.0, "heads/proj": 3.0}
     assert region_mean_bits(bit_map, dict(zip(LAYERS, [1, 1, 1, 1])))["decoder"] == 6.0
     text = allocation_summary({"loss": {5: allocation([3, 6, 6, 5])}})
-    assert text.startswith("loss             target 5 (3-6): avg 5.00 bits, layers at 3..6: 1/0/1/2")
+    assert text.splitlines() == ["negative_traces keep, quantizer eq6, per-layer bits 5: 3-6",
+                                 "loss            : average bits 5 -> 5.00"]
     table = build_table1(fake_evaluations(PAPER_TABLE1))
     summary = table1_summary(table, [{"verdict": "holds"}, {"verdict": "inconclusive"}])
-    assert "    5 out-quant        AP  36.4 (paper 36.4) bits 5.00 delta +1.3" in summary
+    assert summary.splitlines()[:2] == ["float 42.0", "8 bits: uniform 41.1"]
+    assert "5 bits: uniform 35.1, loss 26.6, out-float 27.5, out-quant 36.4" in summary
     assert summary.endswith("claims: holds 1, does not hold 0, inconclusive 1 (of 2)")
+
+
+def test_table1_at_a_target_of_notebook_02_beyond_the_papers():
+    # targets = [4.5] in notebook 02: 4.5-bit rows, the uniform rows of the paper's widths, no Δ vs uniform there
+    rows = table_rows(["measured"], [4.5])
+    assert rows == [("float", "none"), ("8", "uniform"), ("6", "uniform"), ("5", "uniform"), ("4.5", "loss"),
+                    ("4.5", "out-float"), ("4.5", "out-quant"), ("4.5", "measured"), ("4", "uniform")]
+    assert table_rows() == list(ROWS) and table_rows(targets=[6, 5, 4, 8]).count(("8", "uniform")) == 1
+    assert table_rows(["measured"], [5], sources=["loss", "measured"])[-4:] == [
+        ("5", "uniform"), ("5", "loss"), ("5", "measured"), ("4", "uniform")]
+    ap = {r: 40.0 for r in rows}
+    table = build_table1(fake_evaluations({**ap, ("4.5", "out-quant"): 41.0}), rows=rows)
+    row = {(r["precision"], r["scheme"]): r for r in table["rows"]}["4.5", "out-quant"]
+    assert row["delta_vs_uniform"] is None and row["paper_AP"] is None and row["paper_delta"] is None
+    assert row["delta_vs_measured"] == pytest.approx(1.0)
+    assert ("4.5/out-quant", "4.5/measured") in bootstrap_pairs(rows)
+    assert check_claims(table) == []  # the paper's claims are about 6, 5 and 4 bits
+    assert "| 4.5-bit | Out Sen Quant | 41.0 | - |" in table1_markdown(table)
+
+
+def test_readable_notebook_outputs():
+    traces = fake_traces({"loss": [1.0, -2.0, 3.0, 4.0]})
+    traces["loss"]["metric"] = "loss"
+    head = traces_markdown(traces).splitlines()[0]
+    assert head == "| layer | loss Tr/\\|W\\| | z |"  # pipes in a cell escaped: the table renders
+    claims = [{"claim": "a", "verdict": "holds", "evidence": "e"}, {"claim": "b", "verdict": "inconclusive",
+                                                                     "evidence": "e"}]
+    text = claims_overview(claims)
+    assert text.startswith("Of 2 claims on this run, 1 holds, 0 do not hold, 1 is inconclusive")
+    assert claims_overview(claims[:1]).startswith("Of 1 claim on this run, 1 holds, 0 do not hold:")
+    check = {"seeds": 3, "min_agreement_required": 0.95, "max_objective_spread": 0.02, "schemes": {
+        "a": {"6": {"min_agreement": 1.0, "objective_spread": 0.035}},
+        "b": {"6": {"min_agreement": 0.71, "objective_spread": 0.4}},
+        "c": {"6": {"min_agreement": 1.0, "objective_spread": 0.0}}}}
+    lines = seed_stability_summary(check).splitlines()
+    assert lines[1].startswith("a               : bit maps stable, agreement 100%, objective spread 3.5%")
+    assert "NOT stable, agreement 71%" in lines[2] and lines[3].startswith("c               : stable,")
+    assert "| a | **bit maps stable** | 100% | 3.5% |" in seed_stability_markdown(check)
 
 
 def test_l1_term_has_no_curvature_at_float_weights_but_kl_does():

@@ -10,6 +10,8 @@ Files are saved without timestamps so that a rerun on the same numbers gives the
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +49,30 @@ def _common_layers(per_metric_layers: dict[str, list[str]]) -> list[str]:
     return list(orders.pop())
 
 
-def figure1_data(traces: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def negative_at(samples: list[float], level: float = 0.95) -> bool:
+    """Whether the mean of ``samples`` lies below zero at ``level``: the upper end of its two-sided Student-t
+    interval is negative (False for fewer than 2 samples or no spread)."""
+    n = len(samples)
+    if n < 2:
+        return False
+    sd = statistics.stdev(samples)
+    if sd == 0:
+        return statistics.fmean(samples) < 0
+    from scipy.stats import t
+
+    return statistics.fmean(samples) + t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < 0
+
+
+def figure1_data(traces: dict[str, dict[str, Any]], replicas: Sequence[dict[str, dict[str, Any]]] = ()
+                 ) -> dict[str, Any]:
     """Per metric, the log10 averaged trace of every layer and its stderr bar in log space.
 
-    A Hutchinson estimate can be zero or negative (a noisy estimate of a small trace, or a non-convex
-    point); its log does not exist, so it is listed in ``nonpositive`` and drawn as a marker at ``floor``
-    instead of being dropped or clipped. A bar's lower end ``log10(avg - stderr)`` does not exist when
-    ``stderr >= avg``; then it reaches down to ``floor``.
+    A trace estimate can be zero or negative; its log does not exist, so it is listed in ``nonpositive`` and
+    drawn as a marker at ``floor`` instead of being dropped or clipped. Of those, ``significant_negative`` are
+    the layers whose per-probe samples, pooled over this estimate and the other probe seeds' (``replicas``, the
+    same traces with other seeds), have a 95% t-interval below zero: the loss's own negative curvature there, not
+    estimator noise. A bar's lower end ``log10(avg - stderr)`` does not exist when ``stderr >= avg``; then it
+    reaches down to ``floor``.
     """
     metrics = [m for m in METRICS if m in traces]
     layers = _common_layers({m: list(traces[m]["layers"]) for m in metrics})
@@ -67,8 +86,14 @@ def figure1_data(traces: dict[str, dict[str, Any]]) -> dict[str, Any]:
         upper = [math.log10(a + s) if a > 0 else None for a, s in zip(avg, se)]
         lower = [math.log10(a - s) if a > s else None for a, s in zip(avg, se)]
         finite += [v for v in log + lower if v is not None]
+        pooled = [[*est[n].get("samples", []), *(x for rep in replicas if m in rep
+                                                    for x in rep[m]["layers"][n].get("samples", []))]
+                   for n in layers]
+        nonpositive = [i for i, a in enumerate(avg) if a <= 0]
         per_metric[m] = {"avg_trace": avg, "stderr": se, "log10": log, "upper": upper, "lower": lower,
-                         "nonpositive": [i for i, a in enumerate(avg) if a <= 0],
+                         "nonpositive": nonpositive,
+                         "significant_negative": [i for i in nonpositive if negative_at(pooled[i])],
+                         "pooled_samples": len(pooled[0]) if pooled else 0,
                          "rel_stderr": [s / abs(a) if a else math.inf for a, s in zip(avg, se)]}
     floor = math.floor(min(finite)) - 1 if finite else 0.0
     return {"layers": layers, "regions": [layer_region(n) for n in layers], "spans": region_spans(layers),
@@ -107,10 +132,16 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     return paths
 
 
+FIGURE1_NOTE = ("Markers at the bottom: estimates <= 0, which have no log. Filled: the probe samples pooled over the "
+                "seeds lie below zero at 95% (t-interval), the loss's own negative curvature. Hollow: not "
+                "distinguishable from zero, estimator noise.")
+
+
 def plot_figure1(data: dict[str, Any], stem: str | Path) -> list[Path]:
-    """Figure 1 from ``figure1_data``: log10 averaged traces per layer, one series per metric."""
+    """Figure 1 from ``figure1_data``: log10 averaged traces per layer, one series per metric; estimates <= 0
+    as markers at the bottom, filled where they are significantly negative and hollow where they are noise."""
     n = len(data["layers"])
-    fig = Figure(figsize=(max(8.0, 0.12 * n), 4.0))
+    fig = Figure(figsize=(max(8.0, 0.12 * n), 5.2))
     ax = fig.add_subplot()
     _shade_regions(ax, data["spans"], label_y=1.01)
     floor = data["floor"]
@@ -122,21 +153,27 @@ def plot_figure1(data: dict[str, Any], stem: str | Path) -> list[Path]:
         top = [math.nan if up is None else up for up in d["upper"]]
         yerr = [[v - b for v, b in zip(y, bottom)], [t - v for v, t in zip(y, top)]]
         label = SCHEME_NAMES[m]
+        negative = d.get("significant_negative", [])
+        noise = [i for i in d["nonpositive"] if i not in negative]
         if d["nonpositive"]:
-            label += f" ({len(d['nonpositive'])} of {n} estimates <= 0, at bottom)"
+            label += (f" ({len(d['nonpositive'])} of {n} estimates <= 0: {len(negative)} significantly < 0, "
+                      f"{len(noise)} noise)")
         ax.errorbar(range(n), y, yerr=yerr, color=color, marker=marker, ms=3, lw=0.8, elinewidth=0.6, capsize=0,
                     label=label)
-        if d["nonpositive"]:
-            # Side by side, so that several metrics' markers at one layer stay distinguishable.
-            offset = (k - (len(data["metrics"]) - 1) / 2) * 0.25
-            ax.plot([i + offset for i in d["nonpositive"]], [floor] * len(d["nonpositive"]), ls="none", marker="v",
-                    color=color, ms=4, clip_on=False)
+        # Side by side, so that several metrics' markers at one layer stay distinguishable.
+        offset = (k - (len(data["metrics"]) - 1) / 2) * 0.25
+        for idx, face in ((negative, color), (noise, "white")):
+            if idx:
+                ax.plot([i + offset for i in idx], [floor] * len(idx), ls="none", marker="v", color=color,
+                        markerfacecolor=face, ms=4.5, mew=0.9, clip_on=False)
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_ylim(bottom=floor - 0.2)
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("log10 averaged Hessian trace")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    # Below the axes, so that it covers no estimate; the note under it says what the bottom markers are.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=1, frameon=False)
+    fig.text(0.01, 0.01, FIGURE1_NOTE, fontsize=6.5, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return save_figure(fig, stem)
 
 
@@ -170,34 +207,39 @@ def _series_style(source: str, k: int) -> tuple[str, str]:
     return (palette[k % len(palette)], marker) if source != base else (color, marker)
 
 
+# One line style per quantizer, so that a source's curves under different quantizers stay apart.
+QUANTIZER_LINES = {"eq6": "-", "per-channel": "--", "gptq": ":"}
+
+
 def plot_figure3(sweep: dict[str, Any], labels: dict[str, str], stem: str | Path) -> list[Path]:
     """Figure 3 (beyond the paper): AP against average bits and against the ideal packed size in MB, one curve
     per cost source (and uniform) with the full-front quantizer; the other quantizers' Measured Sen and uniform
-    points dashed."""
+    curves in their own line style with hollow markers. The legend sits below the panels, off the curves."""
     from detrq.artifact.pareto import MEASURED, QUANTIZER_NAMES, UNIFORM, front
 
     points = sweep["points"]
     full = sweep["settings"]["full_front"]
-    fig = Figure(figsize=(12.0, 4.8))
+    fig = Figure(figsize=(12.0, 6.4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, x_key, x_label in ((axes[0], "avg_bits", "average bits over quantized weights"),
                                (axes[1], "size_mb", "ideal packed size (MB)")):
         sources = list(dict.fromkeys(p["source"] for p in points))
         for k, source in enumerate(sources):
             color, marker = _series_style(source, k)
-            for q in sweep["quantizers"]:
+            for j, q in enumerate(sweep["quantizers"]):
                 curve = front(points, q, source)
                 if not curve or (q not in full and source not in (MEASURED, UNIFORM)):
                     continue
                 name = "Uniform" if source == UNIFORM else labels.get(source, source)
+                ls = QUANTIZER_LINES.get(q, ("-", "--", ":", "-.")[j % 4])
                 ax.plot([p[x_key] for p in curve], [100 * p["AP"] for p in curve], color=color, marker=marker,
-                        ms=4, lw=1.0, ls="-" if q in full else "--",
+                        ms=4, lw=1.0 if q in full else 1.3, ls=ls, markerfacecolor=color if q in full else "white",
                         label=name if q in full else f"{name}, {QUANTIZER_NAMES.get(q, q)}")
-        ax.axhline(100 * sweep["float"]["AP"], color="gray", lw=0.8, ls=":", label="float")
+        ax.axhline(100 * sweep["float"]["AP"], color="gray", lw=0.8, ls="-.", label="float")
         ax.set_xlabel(x_label)
         ax.set_ylabel("COCO AP (%)")
-    axes[0].legend(fontsize=6.5, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
     return save_figure(fig, stem)
 
 

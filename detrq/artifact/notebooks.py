@@ -3,17 +3,22 @@
 ``run_notebooks`` executes ``notebooks/01_hessian_traces`` ... ``05_sensitivity_check`` and ``07_pareto`` (or the
 INT8 notebook 06)
 in order with one parameter set (a YAML file from ``params/`` plus overrides), writes the executed copies (by
-default over the committed ones) and strips papermill's timestamps, execution metadata and random cell id, so
-that a rerun changes only what the results change. The ``*_summary`` functions are the short, rounded text each
-notebook's last cell prints for nbval.
+default over the committed ones) and cleans them (``clean_notebook``): papermill's injected cell is folded into the
+tagged parameters cell, so that the one parameters cell holds the values in effect and an edit of it is used;
+timestamps, execution metadata and stderr are dropped, and the kernelspec is the one JupyterLab writes, so that a
+rerun changes only what the results change and opening a notebook in JupyterLab does not modify it. The
+``*_summary`` functions are the short, rounded text each notebook's last cell prints for nbval; the
+``*_markdown`` ones the tables the notebooks show.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import math
 import os
 import statistics
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +37,11 @@ NOTEBOOKS: tuple[str, ...] = ("01_hessian_traces", "02_bit_allocation", "03_tabl
                               "05_sensitivity_check", "07_pareto")
 INT8_NOTEBOOK = "06_int8_faster_rcnn"  # run on its own (params/int8.yaml): a different model and a longer run
 ALL_NOTEBOOKS: tuple[str, ...] = (*NOTEBOOKS, INT8_NOTEBOOK)
-# papermill gives the cell it injects a new random id on every run; a fixed one keeps reruns byte-identical.
-INJECTED_ID = "injected-parameters"
+PARAMETERS_TAG = "parameters"  # the cell papermill and a reader edit
+INJECTED_TAG = "injected-parameters"  # the cell papermill adds after it, folded into it by ``clean_notebook``
+# What JupyterLab writes into a notebook when it starts the venv's "python3" kernel (ipykernel's own kernelspec):
+# a committed notebook that carries anything else is modified the moment it is opened.
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 # Parameters that name input files: they must be given (full.yaml leaves them null) and exist.
 REQUIRED_PATHS: tuple[str, ...] = ("checkpoint", "coco_root")
 
@@ -88,9 +96,61 @@ def load_parameters(params_file: str | Path, overrides: dict[str, Any] | None = 
     return params
 
 
+def _assignments(source: str) -> list[ast.Assign]:
+    return [node for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)]
+
+
+def fold_parameters(nb: Any) -> None:
+    """Fold papermill's injected cell(s) into the tagged parameters cell, in place: each value the injected cell
+    sets replaces the value in the parameters cell's assignment (the type and comment after it stay); a name
+    the parameters cell lacks is appended; the injected cells are removed. Without a parameters cell the
+    injected one becomes it."""
+    injected = [c for c in nb.cells if INJECTED_TAG in c.metadata.get("tags", [])]
+    if not injected:
+        return
+    params = next((c for c in nb.cells if PARAMETERS_TAG in c.metadata.get("tags", [])), None)
+    if params is None:
+        params = injected.pop(0)
+        params.metadata["tags"] = [PARAMETERS_TAG]
+        params.source = "\n".join(line for line in params.source.splitlines() if line != "# Parameters")
+    values: dict[str, str] = {}
+    for cell in injected:
+        for node in _assignments(cell.source):
+            values[node.targets[0].id] = ast.get_source_segment(cell.source, node.value)
+    # Replace the value spans from the last to the first, in UTF-8 bytes (what ast's offsets count).
+    text = params.source.encode()
+    starts = [0]
+    for line in params.source.encode().splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    present = set()
+    for node in reversed(_assignments(params.source)):
+        name = node.targets[0].id
+        present.add(name)
+        if name in values:
+            v = node.value
+            begin = starts[v.lineno - 1] + v.col_offset
+            end = starts[v.end_lineno - 1] + v.end_col_offset
+            text = text[:begin] + values[name].encode() + text[end:]
+    source = text.decode()
+    extra = [f"{name} = {value}" for name, value in values.items() if name not in present]
+    params.source = "\n".join([source.rstrip("\n"), *extra]) if extra else source
+    nb.cells = [c for c in nb.cells if not any(c is i for i in injected)]
+    # Number the executed cells 1, 2, ... again, as a run of all cells in a fresh kernel does.
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.get("execution_count") is not None:
+            count += 1
+            cell.execution_count = count
+            for output in cell.outputs:
+                if "execution_count" in output:
+                    output["execution_count"] = count
+
+
 def clean_notebook(path: str | Path) -> None:
-    """Drop papermill's run metadata (timestamps, durations, status) and the stderr streams, and give the
-    injected parameters cell a fixed id, in place; cell tags, the other ids and the other outputs stay.
+    """Fold papermill's injected parameters cell into the tagged one (``fold_parameters``), drop papermill's run
+    metadata (timestamps, durations, status) and the stderr streams, and set the kernelspec JupyterLab writes
+    (``KERNELSPEC``), in place; cell tags, ids and the other outputs stay.
 
     stderr holds library warnings and progress bars: they carry timestamps, process ids and the paths of the
     machine that ran the notebook, and no result.
@@ -99,11 +159,11 @@ def clean_notebook(path: str | Path) -> None:
 
     nb = nbformat.read(str(path), as_version=4)
     nb.metadata.pop("papermill", None)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    fold_parameters(nb)
     for cell in nb.cells:
         for key in ("papermill", "execution", "ExecuteTime"):
             cell.metadata.pop(key, None)
-        if INJECTED_ID in cell.metadata.get("tags", []):
-            cell.id = INJECTED_ID
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
     with atomic_output(path) as tmp:
@@ -146,6 +206,12 @@ def run_notebooks(params: dict[str, Any], out_dir: str | Path = NOTEBOOK_DIR, *,
 
 
 # --- What the notebooks print last (nbval compares these): short and rounded -----------------------------------
+
+def _wrap(line: str, width: int = 100) -> str:
+    """A long summary line broken at spaces into lines of at most ``width`` characters (JupyterLab wraps an
+    output line anywhere, even inside a number), the continuations indented."""
+    return textwrap.fill(line, width, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+
 
 def _trace_line(name: str, tr: dict[str, Any]) -> str:
     if tr["metric"] == FIRST_ORDER:
@@ -192,8 +258,9 @@ def traces_markdown(traces: dict[str, dict[str, Any]], replicas: list[dict[str, 
     units of the combined stderr (z)."""
     names = list(traces)
     head = ["layer"]
-    for n in names:
-        head += ([f"{n} KL Tr/|W|", f"{n} S_l"] if traces[n]["metric"] == FIRST_ORDER else [f"{n} Tr/|W|"]) + ["z"]
+    for n in names:  # a pipe inside a cell must be escaped, or the table does not render
+        per_w = r"Tr/\|W\|"
+        head += ([f"{n} KL {per_w}", f"{n} S_l"] if traces[n]["metric"] == FIRST_ORDER else [f"{n} {per_w}"]) + ["z"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for layer in next(iter(traces.values()))["layers"]:
         cells = [f"`{layer}`"]
@@ -216,15 +283,46 @@ def traces_markdown(traces: dict[str, dict[str, Any]], replicas: list[dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def stability_verdict(check: dict[str, Any], scheme: str) -> tuple[str, float, float]:
+    """``(verdict, worst agreement, largest objective spread)`` of one scheme in the seed-agreement check.
+
+    The bit maps decide (an estimate is trusted when the ILP's answer no longer moves with the probe seed):
+    "stable" when they agree on the required share of the weights at every target and the ILP objectives lie
+    within the spread; "bit maps stable" when they agree but the objectives spread more (the seeds' estimates
+    differ in scale, not in the bits they lead to); "NOT stable" when the maps themselves differ.
+    """
+    by_target = check["schemes"][scheme].values()
+    agreement = min(v["min_agreement"] for v in by_target)
+    spread = max(v["objective_spread"] for v in by_target)
+    if agreement < check["min_agreement_required"]:
+        return "NOT stable", agreement, spread
+    return ("stable" if spread <= check["max_objective_spread"] else "bit maps stable"), agreement, spread
+
+
 def seed_stability_summary(check: dict[str, Any]) -> str:
-    """Notebooks 01/02: per scheme and budget, the worst pairwise bit-map agreement and the objective spread."""
+    """Notebooks 01/02: per scheme the verdict, the worst bit-map agreement and the largest objective spread."""
     lines = [f"bit maps of {check['seeds']} probe seeds (stable: agreement >= {check['min_agreement_required']:.0%} "
-             f"of weights and objectives within {check['max_objective_spread']:.0%}):"]
-    for scheme, by_target in check["schemes"].items():
-        cells = ", ".join(f"{t} bits {v['min_agreement']:.0%} / {v['objective_spread']:.1%}"
-                          for t, v in by_target.items())
-        lines.append(f"{scheme:16s}: {'stable' if check['stable'][scheme] else 'NOT stable'} ({cells})")
+             f"of weights, objectives within {check['max_objective_spread']:.0%}):"]
+    for scheme in check["schemes"]:
+        verdict, agreement, spread = stability_verdict(check, scheme)
+        lines.append(f"{scheme:16s}: {verdict}, agreement {agreement:.0%}, objective spread {spread:.1%}")
     return "\n".join(lines)
+
+
+def seed_stability_markdown(check: dict[str, Any]) -> str:
+    """Notebook 02: the seed-agreement check as a table, and what each verdict means."""
+    need, limit = check["min_agreement_required"], check["max_objective_spread"]
+    lines = ["| scheme | verdict | worst agreement of the bit maps | largest spread of the ILP objectives |",
+             "|---|---|---:|---:|"]
+    for scheme in check["schemes"]:
+        verdict, agreement, spread = stability_verdict(check, scheme)
+        lines.append(f"| {scheme} | **{verdict}** | {agreement:.0%} | {spread:.1%} |")
+    lines += ["", f"**stable**: at every target the {check['seeds']} seeds' bit maps give the same bits to at least "
+              f"{need:.0%} of the weights, and their ILP objectives lie within {limit:.0%}. **bit maps stable**: the "
+              f"maps agree, but the objectives spread more than {limit:.0%}: the seeds' estimates differ in scale, "
+              f"not in the bits they lead to. **NOT stable**: at some target the maps differ on more than "
+              f"{1 - need:.0%} of the weights: the ILP's answer moves with the probe seed."]
+    return "\n".join(lines) + "\n"
 
 
 def region_mean_bits(bit_map: dict[str, int], numel: dict[str, int] | None = None) -> dict[str, float]:
@@ -240,32 +338,63 @@ def region_mean_bits(bit_map: dict[str, int], numel: dict[str, int] | None = Non
 
 
 def allocation_summary(allocations: dict[str, dict[float, dict[str, Any]]]) -> str:
-    """Notebook 02: per metric and target, the achieved average and how many layers got each bit width."""
-    lines = []
+    """Notebook 02: the policy and quantizer in effect, then per source the achieved average at each target."""
+    first = next(iter(next(iter(allocations.values())).values()))
+    ranges = ", ".join(f"{t:g}: {a['bits_range'][0]}-{a['bits_range'][1]}"
+                       for t, a in next(iter(allocations.values())).items())
+    lines = [f"negative_traces {first.get('negative_traces', 'keep')}, quantizer {first.get('quantizer', 'eq6')}, "
+             f"per-layer bits {ranges}"]
     for metric, by_target in allocations.items():
-        for target, a in by_target.items():
-            lo, hi = a["bits_range"]
-            counts = "/".join(str(sum(b == k for b in a["bit_map"].values())) for k in range(lo, hi + 1))
-            regions = ", ".join(f"{r} {v:.1f}" for r, v in region_mean_bits(a["bit_map"]).items())
-            lines.append(f"{metric:16s} target {target:g} ({lo}-{hi}): avg {a['avg_bits']:.2f} bits, layers at "
-                         f"{lo}..{hi}: {counts}; mean bits per layer: {regions}")
+        avgs = ", ".join(f"{t:g} -> {a['avg_bits']:.2f}" for t, a in by_target.items())
+        lines.append(f"{metric:16s}: average bits {avgs}")
     return "\n".join(lines)
 
 
+def allocation_markdown(allocations: dict[str, dict[float, dict[str, Any]]]) -> str:
+    """Notebook 02: per source and target, the achieved average, how many layers got each width and the mean
+    bits per model region."""
+    regions = [r for r, _ in REGIONS] + [OTHER_REGION]
+    lines = ["| scheme | target | per-layer bits | average bits | layers per width | "
+             + " | ".join(f"mean bits: {r}" for r in regions) + " |",
+             "|---|---:|---|---:|---|" + "---:|" * len(regions)]
+    for metric, by_target in allocations.items():
+        for target, a in by_target.items():
+            lo, hi = a["bits_range"]
+            counts = ", ".join(f"{k}: {n}" for k in range(lo, hi + 1)
+                               if (n := sum(b == k for b in a["bit_map"].values())))
+            means = region_mean_bits(a["bit_map"])
+            lines.append(f"| {metric} | {target:g} | {lo}-{hi} | {a['avg_bits']:.2f} | {counts} | "
+                         + " | ".join(f"{means[r]:.1f}" if r in means else "-" for r in regions) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table1_summary(table: dict[str, Any], claims: list[dict[str, Any]]) -> str:
-    """Notebook 03: every row's AP (1 decimal) beside the paper's, and how many claims hold."""
-    lines = []
+    """Notebook 03: AP (1 decimal) of every row, one line per precision, and how many claims hold."""
+    by_precision: dict[str, list[str]] = {}
     for r in table["rows"]:
-        paper = f"(paper {r['paper_AP']:.1f})" if r["paper_AP"] is not None else "(beyond the paper)"
-        ci = r.get("delta_ci")
-        delta = "" if r["delta_vs_uniform"] is None else f" delta {r['delta_vs_uniform']:+.1f}" + (
-            f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
-        lines.append(f"{r['precision']:>5s} {r['scheme']:16s} AP {r['AP']:5.1f} {paper} bits {r['avg_bits']:.2f}"
-                     f"{delta}")
+        by_precision.setdefault(r["precision"], []).append(f"{r['scheme']} {r['AP']:.1f}")
+    lines = [f"float {table['rows'][0]['AP']:.1f}" if p == "float" else _wrap(f"{p} bits: {', '.join(cells)}")
+             for p, cells in by_precision.items()]
     verdicts = [c["verdict"] for c in claims]
     lines.append("claims: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("holds", "does not hold", "inconclusive"))
                  + f" (of {len(claims)})")
     return "\n".join(lines)
+
+
+def claims_overview(claims: list[Any], only: str | None = None) -> str:
+    """Notebooks 03/04: how many claims hold, then each claim's verdict and evidence (``only`` keeps the claims
+    whose text contains it)."""
+    rows = [c if isinstance(c, dict) else c.to_dict() for c in claims]
+    rows = [r for r in rows if only is None or only in r["claim"]]
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("holds", "does not hold", "inconclusive")}
+    parts = [f"{counts['holds']} {'holds' if counts['holds'] == 1 else 'hold'}",
+             f"{counts['does not hold']} {'does' if counts['does not hold'] == 1 else 'do'} not hold"]
+    if counts["inconclusive"]:
+        parts.append(f"{counts['inconclusive']} {'is' if counts['inconclusive'] == 1 else 'are'} inconclusive (the "
+                     f"95% interval of the difference straddles the threshold)")
+    lines = [f"Of {len(rows)} {'claim' if len(rows) == 1 else 'claims'} on this run, {', '.join(parts)}:", ""]
+    lines += [f"- **{r['verdict']}**: {r['claim']} — {r['evidence']}" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def figures_summary(fig1: dict[str, Any], fig2: dict[str, Any], files: list[Path]) -> str:
@@ -273,7 +402,8 @@ def figures_summary(fig1: dict[str, Any], fig2: dict[str, Any], files: list[Path
     spans = ", ".join(f"{r} {a}-{b}" for r, a, b in fig1["spans"])
     lines = [f"files: {', '.join(sorted(p.name for p in files))}", f"layers: {len(fig1['layers'])} ({spans})"]
     for m, d in fig1["metrics"].items():
-        lines.append(f"fig1 {m:9s}: {len(d['nonpositive'])} non-positive trace estimates")
+        lines.append(f"fig1 {m:9s}: {len(d['nonpositive'])} non-positive trace estimates, "
+                     f"{len(d['significant_negative'])} of them below zero at 95%")
     for m, bits in fig2["bits"].items():
         lines.append(f"fig2 {m:9s}: average {fig2['avg_bits'][m]:.2f} bits (target {fig2['target']:g}), "
                      f"{min(bits)}-{max(bits)} bits per layer")
@@ -281,29 +411,31 @@ def figures_summary(fig1: dict[str, Any], fig2: dict[str, Any], files: list[Path
 
 
 def sensitivity_summary(check: dict[str, Any]) -> str:
-    """Notebook 05: the measured Eq. (5) split, rho at 4 bits per default scheme, the policy choice, targets."""
+    """Notebook 05: the measured Eq. (5) split, rho at 4 bits per default scheme, the policy choice, the aims of the
+    first-order metric met."""
     d = check["decomposition"]
-    lines = [f"measured Eq.(5) rise, one layer at {d['bits']} bits: L1 share median {d['median_l1_share']:.3f}, "
-             f"min {d['min_l1_share']:.3f}"]
-    for r in check["rho_default"]:
-        lines.append(f"rho vs measured rise at 4 bits {r['scheme']:32s} {r['rho']:+.2f} [{r['low']:+.2f}, "
-                     f"{r['high']:+.2f}]")
+    rho = ", ".join(f"{r['scheme']} {r['rho']:+.2f}" for r in check["rho_default"])
     choice = check["policy_choice"]
     means = ", ".join(f"{p} {v:.2f}" for p, v in choice["mean_pooled_rho"].items())
-    lines.append(f"negative_traces: best by agreement {choice['best']} (mean pooled rho {means}); default "
-                 f"{check['negative_traces']}")
-    for t in check["targets"]:
-        lines.append(f"target {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['value']}")
-    return "\n".join(lines)
+    missed = [t["target"] for t in check["targets"] if not t["met"]]
+    return "\n".join([
+        f"measured Eq.(5) rise, one layer at {d['bits']} bits: L1 share median {d['median_l1_share']:.3f}, "
+        f"min {d['min_l1_share']:.3f}",
+        _wrap(f"rho vs measured rise at 4 bits: {rho}"),
+        f"negative_traces: best by agreement {choice['best']} (mean pooled rho {means}); default "
+        f"{check['negative_traces']}",
+        f"first-order metric: {len(check['targets']) - len(missed)} of {len(check['targets'])} aims met"
+        + (f"; missed: {'; '.join(missed)}" if missed else "")])
 
 
 def pareto_summary(table: dict[str, Any]) -> str:
-    """Notebook 07: Table 2's AP per quantizer and scheme (1 decimal) and whether the 4-bit moonshot holds."""
+    """Notebook 07: Table 2's AP (1 decimal), one line per quantizer and precision, and whether the 4-bit
+    moonshot holds."""
     lines = [f"float AP {100 * table['float']['AP']:.1f}, {table['float']['size_mb']:.2f} MB"]
+    groups: dict[tuple[str, str], list[str]] = {}
     for r in table["rows"]:
-        delta = "" if r["delta_uniform"] is None else f" delta {100 * r['delta_uniform']:+.1f}"
-        lines.append(f"{r['precision']:>5s} {r['quantizer']:11s} {r['source']:20s} AP {100 * r['AP']:5.1f} "
-                     f"bits {r['avg_bits']:.2f} {r['size_mb']:.3f} MB{delta}")
+        groups.setdefault((r["quantizer"], r["precision"]), []).append(f"{r['source']} {100 * r['AP']:.1f}")
+    lines += [_wrap(f"{q} {p}: {', '.join(cells)}") for (q, p), cells in groups.items()]
     shot = table["moonshot"]
     if shot["best"] is not None:
         best = shot["best"]

@@ -41,7 +41,13 @@ from detrq.sensitivity import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, 
                                check_metric, distillation_term_traces, first_order_sensitivity, sensitivity,
                                total_trace)
 from detrq.sensitivity.costs import cost_table
+from detrq.sensitivity.modelopt import MODELOPT, MODELOPT_BITS, MODELOPT_NAME, modelopt_scores
 from detrq.sensitivity.trace_checks import check_traces
+
+# Every metric a scheme can use: the paper's, the first-order metric, and ModelOpt's auto_quantize score (its one
+# estimator is "fisher": one backward per image, no probes; its file holds one estimate per layer and bit width).
+SCHEME_METRICS: tuple[str, ...] = (*ALL_METRICS, MODELOPT)
+SCHEME_NAMES: dict[str, str] = {**METRIC_NAMES, MODELOPT: MODELOPT_NAME}
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,13 @@ class Scheme:
     probes: tuple[int, int] | None = None  # (min, max) probes of this scheme; None: the trace settings'
 
     def __post_init__(self) -> None:
-        check_metric(self.metric)
+        check_metric(self.metric, SCHEME_METRICS)
         TraceSettings(estimator=self.estimator, **self._probe_fields())  # validates the name and probe counts
+        if self.metric == MODELOPT and self.estimator != "fisher":
+            raise DetrqError(f"the {MODELOPT} metric has one estimator, fisher (one backward per image, no probes), "
+                             f"not {self.estimator!r}")
         if not self.variant and self.approximate:
-            raise DetrqError(f"the {METRIC_NAMES[self.metric]} row uses the Hessian: {self.estimator} only "
+            raise DetrqError(f"the {SCHEME_NAMES[self.metric]} row uses the Hessian: {self.estimator} only "
                              f"approximates it there; list '{self.metric}:{self.estimator}' under extra_variants "
                              "instead")
 
@@ -79,12 +88,13 @@ class Scheme:
 
     @property
     def approximate(self) -> bool:
-        """True when the estimate is of an approximation of the metric's Hessian (``hessian.approximates``)."""
-        return approximates(self.metric, self.estimator)
+        """True when the estimate is of an approximation of the metric's Hessian (``hessian.approximates``); ModelOpt's
+        score is computed exactly as it is defined."""
+        return self.metric != MODELOPT and approximates(self.metric, self.estimator)
 
     @property
     def label(self) -> str:
-        label = METRIC_NAMES[self.metric]
+        label = SCHEME_NAMES[self.metric]
         if self.variant:
             note = {"ggn": "GGN approximation", "fisher": "empirical Fisher"}.get(self.estimator, self.estimator)
             label = f"{label.replace(' (beyond the paper)', '')} [{note}] (beyond the paper)"
@@ -93,14 +103,14 @@ class Scheme:
 
 def schemes_from_params(estimators: dict[str, str], extra_variants: Iterable[str] = (),
                         probes: dict[str, Sequence[int]] | None = None) -> list[Scheme]:
-    """The schemes of a run: one per metric in ``estimators`` ({metric: estimator}), in ``ALL_METRICS`` order,
+    """The schemes of a run: one per metric in ``estimators`` ({metric: estimator}), in ``SCHEME_METRICS`` order,
     then one per ``"metric:estimator"`` in ``extra_variants``. ``probes`` ({scheme name: [min, max]}) sets the
     probe counts of the schemes it names (a blockwise probe costs one HVP per layer); the others use the trace
     settings'."""
-    unknown = [m for m in estimators if m not in ALL_METRICS]
+    unknown = [m for m in estimators if m not in SCHEME_METRICS]
     if unknown:
-        raise DetrqError(f"estimators: unknown metric {unknown[0]!r}; choose from {', '.join(ALL_METRICS)}")
-    specs = [(m, estimators[m], False) for m in ALL_METRICS if m in estimators]
+        raise DetrqError(f"estimators: unknown metric {unknown[0]!r}; choose from {', '.join(SCHEME_METRICS)}")
+    specs = [(m, estimators[m], False) for m in SCHEME_METRICS if m in estimators]
     for text in extra_variants:
         metric, sep, estimator = str(text).partition(":")
         if not sep:
@@ -122,23 +132,29 @@ def schemes_from_params(estimators: dict[str, str], extra_variants: Iterable[str
 
 def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, metric: str, out: str | Path,
                settings: TraceSettings = TraceSettings(), *, device: str = "cpu", progress: bool = True,
-               launch: Launch = Launch()) -> dict[str, Any]:
+               launch: Launch = Launch(), bits_range: range = MODELOPT_BITS, quantizer: WeightQuantizer = EQ6
+               ) -> dict[str, Any]:
     """Per-layer sensitivities for one metric on the class-balanced image set; writes and returns the JSON.
 
     For the paper's metrics ``layers`` holds one trace estimate per layer (``settings.estimator``); for the
     first-order metric each layer holds ``{"kl": trace estimate, "jacobian": row-norm sum}`` and the file
-    holds Eq. (5)'s ``l1_scale``. A sharded ``launch`` computes it in torchrun ranks (``launch.device``); inside
-    a process group every rank returns the result and rank 0 writes it.
+    holds Eq. (5)'s ``l1_scale``; for ModelOpt's score (``sensitivity.modelopt``) each layer holds one estimate per
+    bit width of ``bits_range``, made with ``quantizer`` (both enter the key for it alone). A sharded ``launch``
+    computes it in torchrun ranks (``launch.device``; not ModelOpt's); inside a process group every rank returns the
+    result and rank 0 writes it.
     """
-    check_metric(metric)
+    check_metric(metric, SCHEME_METRICS)
     full = eval_dataset(model, root, split)
     image_ids = class_balanced_subset(full, settings.num_images, settings.image_seed)
+    scored = {"bits": list(bits_range), "quantizer": quantizer.key} if metric == MODELOPT else {}
     key = cache_key(kind="traces", metric=metric, checkpoint=checkpoint_sha, split=split, image_ids=image_ids,
                     settings=settings.to_dict(), transform=full.transform.describe(),
-                    layers=list(quantizable_layers(model)))
+                    layers=list(quantizable_layers(model)), **scored)
     cached = load_cached(out, key, check=check_traces)
     if cached is not None:
         return cached
+    if launch.sharded and metric == MODELOPT:
+        raise DetrqError(f"the {MODELOPT} scores run in one process; use nproc 1")
     if launch.sharded:
         options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.to_dict().items()]
         run_ranks(launch, ["traces", "--coco", str(root), "--split", split, "--metric", metric, "--out", str(out),
@@ -152,12 +168,16 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
         terms = first_order_sensitivity(model, batches, settings, progress=progress)
         layers = {n: {"kl": est.to_dict(), "jacobian": terms["jacobian"][n]} for n, est in terms["kl"].items()}
         extra = {"l1_scale": terms["l1_scale"], "num_queries": terms["num_queries"]}
+    elif metric == MODELOPT:
+        scores = modelopt_scores(model, batches, bits_range, quantizer, progress=progress)
+        layers = {n: {str(b): est.to_dict() for b, est in per.items()} for n, per in scores.items()}
+        extra = {"bits": list(bits_range), "quantizer": quantizer.name, "quantizer_key": quantizer.key}
     else:
         layers = {n: est.to_dict() for n, est in sensitivity(model, batches, metric, settings,
                                                               progress=progress).items()}
     result = {
         "cache_key": key, "metric": metric, "estimator": settings.estimator,
-        "approximation": approximates(metric, settings.estimator),
+        "approximation": metric != MODELOPT and approximates(metric, settings.estimator),
         "checkpoint_sha256": checkpoint_sha, "split": split, "image_ids": image_ids,
         "settings": settings.to_dict(), "transform": full.transform.describe(), "layers": layers, **extra,
         # Soft problems of the data (data.validate), so a reader of the traces knows, as evaluations record them.
@@ -345,14 +365,16 @@ def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: st
 
 def run_all_allocations(model: nn.Module, sources: dict[str, dict[str, Any]], results_dir: str | Path,
                         targets: tuple[float, ...], bits_range_for: Callable[[float], range], *,
-                        negative_traces: str = "keep", replica: int = 0, time_limit: float = 60.0
-                        ) -> dict[str, dict[float, dict[str, Any]]]:
+                        negative_traces: str = "keep", replica: int = 0, time_limit: float = 60.0,
+                        quantizer: WeightQuantizer = EQ6) -> dict[str, dict[float, dict[str, Any]]]:
     """``run_allocation`` for every cost source and average-bit target; ``{name: {target: allocation result}}``.
 
-    ``bits_range_for(target)`` gives the per-layer choices, e.g. ``ilp.paper_bits_range``.
+    ``bits_range_for(target)`` gives the per-layer choices, e.g. ``ilp.paper_bits_range``; the costs use
+    ``quantizer``'s error.
     """
     return {name: {t: run_allocation(model, src, t, bits_range_for(t), bitmap_path(results_dir, name, t, replica),
-                                     negative_traces=negative_traces, time_limit=time_limit) for t in targets}
+                                     negative_traces=negative_traces, time_limit=time_limit, quantizer=quantizer)
+                   for t in targets}
             for name, src in sources.items()}
 
 

@@ -27,6 +27,7 @@ from detrq.io.results import write_json_atomic, write_table_files
 from detrq.models.detr import DETR
 from detrq.parallel.launch import Launch
 from detrq.quant.bitmaps import uniform_bit_map
+from detrq.quant.quantizers import EQ6, WeightQuantizer
 
 # Table 1 of Huang, Yang et al., "Output Sensitivity-Aware DETR Quantization" (AAAI, 2023):
 # COCO 2017 val mAP (%) of the official DETR-R50 under weight-only PTQ. Keys are (precision, scheme).
@@ -60,23 +61,40 @@ class Table1Settings:
     batch_size: int = 8
     device: str = "cpu"
     launch: Launch = Launch()  # nproc > 1: each evaluation runs as torchrun ranks
+    quantizer: WeightQuantizer = EQ6  # applies every row's bit map (the paper's Eq. (6) by default)
 
 
 def paper_delta(precision: str, scheme: str) -> float | None:
     """The paper's Delta column: AP minus uniform AP at the same precision (rounded as printed)."""
-    if scheme not in SCHEMES:
+    if scheme not in SCHEMES or (precision, scheme) not in PAPER_TABLE1:
         return None
     return round(PAPER_TABLE1[precision, scheme] - PAPER_TABLE1[precision, "uniform"], 1)
 
 
-def table_rows(extra: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """The paper's 14 rows, with the ``extra`` schemes (beyond the paper) after the paper's at each budget."""
-    rows: list[tuple[str, str]] = []
-    for precision, scheme in ROWS:
-        rows.append((precision, scheme))
-        if scheme == SCHEMES[-1]:
-            rows += [(precision, s) for s in extra]
+def table_rows(extra: Sequence[str] = (), targets: Sequence[float] = MIXED_TARGETS,
+               sources: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """The paper's 14 rows, with the ``extra`` schemes (beyond the paper) after the paper's at each budget.
+
+    ``targets`` are the mixed-precision budgets (the paper's 6, 5 and 4 by default; any other, e.g. 4.5, adds its
+    rows in order, and uniform rows stay at the paper's widths and at every whole target); ``sources`` keeps only
+    the schemes that have bit maps (None: all).
+    """
+    precisions = sorted({float(t) for t in (*MIXED_TARGETS, *targets)}, reverse=True)
+    mixed = {float(t) for t in targets}
+    schemes = [s for s in (*SCHEMES, *extra) if sources is None or s in sources]
+    rows: list[tuple[str, str]] = [("float", "none"), ("8", "uniform")]
+    for t in precisions:
+        p = f"{t:g}"
+        if t.is_integer() and (p, "uniform") not in rows:
+            rows.append((p, "uniform"))
+        if t in mixed:
+            rows += [(p, s) for s in schemes]
     return rows
+
+
+def _mixed(scheme: str) -> bool:
+    """A mixed-precision row: an ILP bit map, at any budget."""
+    return scheme not in ("uniform", "none")
 
 
 def row_key(precision: str, scheme: str) -> str:
@@ -92,8 +110,8 @@ def row_bit_map(model: DETR, precision: str, scheme: str,
     if scheme == "uniform":
         return uniform_bit_map(model, int(precision))
     try:
-        return allocations[scheme][int(precision)]["bit_map"]
-    except KeyError:
+        return next(a for t, a in allocations[scheme].items() if f"{t:g}" == precision)["bit_map"]
+    except (KeyError, StopIteration):
         raise DetrqError(f"no {scheme} bit map for {precision} bits: run the bit allocation first") from None
 
 
@@ -102,12 +120,11 @@ def bootstrap_pairs(rows: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     have = set(rows)
     pairs = []
     for p, s in rows:
-        if p in {str(t) for t in MIXED_TARGETS} and s != "uniform":
+        if _mixed(s):
             pairs.append((row_key(p, s), row_key(p, "uniform")))
             if s != MEASURED and (p, MEASURED) in have:
                 pairs.append((row_key(p, s), row_key(p, MEASURED)))
-    for t in MIXED_TARGETS:
-        p = str(t)
+    for p in dict.fromkeys(p for p, s in rows if _mixed(s)):
         pairs += [(row_key(p, "out-float"), row_key(p, "loss")), (row_key(p, "out-quant"), row_key(p, "out-float"))]
     pairs.append((row_key("6", "out-quant"), row_key("8", "uniform")))
     return [pair for pair in dict.fromkeys(pairs)
@@ -143,11 +160,11 @@ def build_table1(evaluations: dict[tuple[str, str], dict[str, Any]], *, rows: Se
     ap = {r: 100.0 * evaluations[r]["metrics"]["AP"] for r in rows}
     table_rows_out = []
     for precision, scheme in rows:
-        mixed = precision in {str(t) for t in MIXED_TARGETS} and scheme != "uniform"
         uniform = (precision, "uniform")
+        mixed = _mixed(scheme) and uniform in ap
         measured = (precision, MEASURED)
         seeds = (replica_aps or {}).get((precision, scheme))
-        vs_measured = mixed and scheme != MEASURED and measured in ap
+        vs_measured = _mixed(scheme) and scheme != MEASURED and measured in ap
         table_rows_out.append({
             "precision": precision, "scheme": scheme, "label": names.get(scheme, scheme),
             "paper": (precision, scheme) in PAPER_TABLE1, "AP": ap[precision, scheme],
@@ -183,22 +200,24 @@ def run_table1(model: DETR, checkpoint_sha: str, dataset: CocoDetection,
                allocations: dict[str, dict[float, dict[str, Any]]], results_dir: str | Path,
                settings: Table1Settings = Table1Settings(), *, extra: Sequence[str] = (),
                replicas: Sequence[dict[str, dict[float, dict[str, Any]]]] = (), labels: dict[str, str] | None = None,
-               progress: bool = False, extra_protocol: dict[str, Any] | None = None) -> dict[str, Any]:
+               progress: bool = False, extra_protocol: dict[str, Any] | None = None,
+               targets: Sequence[float] = MIXED_TARGETS) -> dict[str, Any]:
     """Evaluate every row (cached in ``results_dir/evaluations/eval_<precision>_<scheme>.json``, detections beside
     it), the other probe seeds' bit maps (``replicas``), the paired bootstrap over val images, and write the table.
 
     ``extra`` are the schemes beyond the paper's three (e.g. ``out-first-order``, ``measured``) that get rows
     of their own. ``extra_protocol`` (e.g. the Hessian settings and bit ranges) is stored in the table's
-    protocol beside the evaluation protocol.
+    protocol beside the evaluation protocol. ``targets`` are the mixed-precision budgets (``table_rows``); only the
+    schemes of ``allocations`` get rows.
     """
     results_dir = Path(results_dir)
-    rows = table_rows(extra)
+    rows = table_rows(extra, targets, [*allocations, "none", "uniform"])
 
     def evaluation(p: str, s: str, allocs: dict, replica: int = 0) -> dict[str, Any]:
         return run_evaluation(model, checkpoint_sha, dataset, row_bit_map(model, p, s, allocs),
                               eval_path(results_dir, p, s, replica), batch_size=settings.batch_size,
                               device=settings.device, progress=progress, label=f"{p} {s}",
-                              keep_detections=replica == 0, launch=settings.launch)
+                              keep_detections=replica == 0, launch=settings.launch, quantizer=settings.quantizer)
 
     evaluations = {(p, s): evaluation(p, s, allocations) for p, s in rows}
     replica_aps: dict[tuple[str, str], list[float]] = {}
@@ -379,6 +398,8 @@ def check_claims(table: dict[str, Any], traces: dict[str, dict[str, Any]] | None
 
     def compare(claim: str, a: tuple[str, str], b: tuple[str, str], *, threshold: float = 0.0,
                 above: bool = True, beyond: bool = False) -> None:
+        if a not in ap or b not in ap:  # a budget or scheme this table does not have (notebook 02's choice)
+            return
         delta = ap[a] - ap[b]
         ci = _ci(pairs, a, b)
         paper = f"; paper {PAPER_TABLE1[a]:.1f} vs {PAPER_TABLE1[b]:.1f}" if a in PAPER_TABLE1 and b in PAPER_TABLE1 \
@@ -483,7 +504,9 @@ def claims_markdown(claims: list[Claim] | list[dict[str, Any]], only: str | None
     rows = [c if isinstance(c, dict) else c.to_dict() for c in claims]
     rows = [r for r in rows if only is None or only in r["claim"]]
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+    n_inc = counts["inconclusive"]
     lines = [f"On this run, of {len(rows)} claims: {counts['holds']} hold, {counts['does not hold']} do not hold, "
-             f"{counts['inconclusive']} are inconclusive (the 95% interval of their Δ straddles the threshold):", ""]
+             f"{n_inc} {'is' if n_inc == 1 else 'are'} inconclusive (the 95% interval of the Δ straddles the "
+             "threshold):", ""]
     lines += [f"- **{r['verdict']}**: {r['claim']} — {r['evidence']}" for r in rows]
     return "\n".join(lines) + "\n"
