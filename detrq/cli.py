@@ -1,8 +1,10 @@
 """``python -m detrq <command>``: thin command-line wrappers over the package's functions.
 
 Commands: make-data, check-data, train, evaluate, traces, allocate, curve, pack, pareto, notebooks, int8, readme,
-and the run-directory steps of ``./reproduce.sh``: run-start, report, accept. Bad input gives one ``error: ...``
-line and exit status 2; results are written atomically and reused when their inputs are unchanged.
+convert (Hugging Face checkpoints to and from the official layout), quantize (checkpoint and data to a packed
+mixed-precision model with its report, in one command), and the run-directory steps of ``./reproduce.sh``:
+run-start, report, accept. Bad input gives one ``error: ...`` line and exit status 2; results are written
+atomically and reused when their inputs are unchanged.
 
 ``evaluate`` and ``traces`` also run under torchrun (``python -m torch.distributed.run --nproc_per_node N -m detrq
 ...``): the ranks share the work (``detrq.parallel.distributed``), rank 0 takes the folder's lock, prints and writes the
@@ -217,10 +219,90 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     cmd_notebooks(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from detrq.io.results import atomic_output, sha256_file
+    from detrq.models.hf import write_hf
+    from detrq.models.loading import build_model, checkpoint_payload, open_checkpoint
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise DetrqError("give --from-hf DIR (with --out FILE) or --to-hf DIR (with --checkpoint), one of them")
+    if args.from_hf:
+        if not args.out:
+            raise DetrqError("--from-hf needs --out FILE, the official-layout checkpoint to write")
+        if not Path(args.from_hf).is_dir():
+            raise DetrqError(f"--from-hf takes a Hugging Face checkpoint directory; {args.from_hf} is not a directory")
+        ckpt = open_checkpoint(args.from_hf)
+        build_model(ckpt, None)  # loads strictly: the converted state dict is exactly the model's
+        # Saved through a file object: torch.save names the archive's records after a path's file name (here a
+        # random temp name), and "archive" for a file object, so the same checkpoint gives the same bytes.
+        with atomic_output(args.out) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint_payload(ckpt), f)
+        cfg = ckpt.config
+        print(f"wrote {args.out} (sha256 {sha256_file(args.out)[:12]}): DETR {cfg.backbone} ({ckpt.variant} "
+              f"backbone), {cfg.enc_layers}+{cfg.dec_layers} layers, {cfg.num_classes} classes, "
+              f"{sum(t.numel() for t in ckpt.state_dict.values()):,} elements in the official layout")
+        return
+    if not args.checkpoint:
+        raise DetrqError("--to-hf needs --checkpoint FILE (and --preset when the file does not carry its "
+                         "architecture, e.g. --preset r50 for the official DETR-R50)")
+    ckpt = open_checkpoint(args.checkpoint)
+    model = build_model(ckpt, args.preset)
+    variant = args.backbone or ckpt.variant or "timm"
+    labels = ckpt.id2label or {i: f"LABEL_{i}" for i in range(model.cfg.num_classes)}
+    write_hf(args.to_hf, model.state_dict(), model.cfg, variant, labels)
+    print(f"wrote {args.to_hf}: config.json, model.safetensors ({variant} backbone names) and "
+          "preprocessor_config.json, for DetrForObjectDetection.from_pretrained")
+
+
+QUANTIZE_HELP = """From a checkpoint and COCO-format data to a mixed-precision DETR, in one command: validate the data,
+compute (or reuse) the per-layer sensitivities, allocate bits with the ILP at --avg-bits, quantize, evaluate float
+and quantized AP with the paired bootstrap CI of their difference, and write into --out DIR the bit-packed
+checkpoint (detr_packed.pth) and a report (report.json, report.md: bits per layer and per region, ideal and packed
+size, AP, the time of each step). Caches go to DIR/cache/; the outputs replace earlier ones only once all are
+complete. Without --checkpoint it runs the embedded default (the mini DETR on the synthetic set, on the CPU); for
+DETR-R50 on COCO pass --checkpoint, --coco and --device cuda. The default recipe (--metric, --quantizer, --bits) is the
+one that measured best on the embedded default: """
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from detrq.artifact.quantize import QuantizeSettings, Source, default_splits, quantize
+    from detrq.quant.allocate import parse_bits_range
+
+    if args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.checkpoint is None:
+        checkpoint = EMBEDDED["checkpoint"]
+        coco = Path(args.coco) if args.coco else ensure_embedded_data(EMBEDDED["data"])
+    elif args.coco is None:
+        raise DetrqError("--checkpoint needs --coco DIR, the COCO-layout data to calibrate and evaluate on")
+    else:
+        checkpoint, coco = args.checkpoint, Path(args.coco)
+    eval_split, calib_split = default_splits(coco)
+    bits = parse_bits_range(args.bits)
+    settings = QuantizeSettings(avg_bits=args.avg_bits, metric=args.metric, quantizer=args.quantizer,
+                                bits=(bits.start, bits.stop - 1), num_images=args.num_images,
+                                calib_images=args.calib_images, max_eval_images=args.max_eval_images,
+                                eval_batch_size=args.batch_size, n_boot=args.n_boot)
+    source = Source(checkpoint, coco, args.split or eval_split, args.calib_split or calib_split, preset=args.preset,
+                    device=args.device, min_size=args.min_size, max_size=args.max_size)
+    r = quantize(source, args.out, settings, progress=not args.quiet)
+    ap, d, size = r["ap"], r["ap"]["delta"], r["size"]
+    print(f"AP {100 * ap['float']['AP']:.1f} -> {100 * ap['quantized']['AP']:.1f} (delta {100 * d['delta']:+.1f}, "
+          f"95% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]) at {r['allocation']['avg_bits']:.2f} average bits; "
+          f"{size['packed_file_bytes'] / 1e6:.3f} MB packed (float {size['float_bytes'] / 1e6:.3f} MB); "
+          f"wrote {Path(args.out) / 'detr_packed.pth'} and report.md/report.json in {r['seconds']['total']:.0f} s")
+
+
 def _add_model_args(s: argparse.ArgumentParser, split_help: str) -> None:
     s.add_argument("--preset", default="mini", help="model preset: mini (embedded default) or r50 (default: "
                                                     "%(default)s)")
-    s.add_argument("--checkpoint", help="checkpoint file (default for mini: the committed one)")
+    s.add_argument("--checkpoint", help="checkpoint file or Hugging Face checkpoint directory (config.json + "
+                                        "model.safetensors; its own architecture wins over --preset; default for "
+                                        "mini: the committed one)")
     s.add_argument("--coco", help="COCO-layout root (default for mini: the synthetic set, generated if missing)")
     s.add_argument("--split", help=split_help)
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s; under torchrun cuda is "
@@ -301,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--avg-bits", type=float, required=True, help="average bits over the quantized weights")
     s.add_argument("--bits", help="per-layer range LO-HI (default: the paper's, 3-6 up to 5 bits, else 4-7)")
     s.add_argument("--preset", default="mini", help="model preset (default: %(default)s)")
-    s.add_argument("--checkpoint", help="the checkpoint the traces were taken on (default for mini: committed)")
+    s.add_argument("--checkpoint", help="the checkpoint (file or Hugging Face directory) the traces were taken on "
+                                        "(default for mini: committed)")
     s.add_argument("--negative-traces", default="keep", choices=list(NEGATIVE_POLICIES),
                    help="what the ILP does with a negative trace estimate (default: %(default)s)")
     s.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in s (default: %(default)s)")
@@ -333,6 +416,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-images", type=int, default=128, help="gptq: calibration images (default: %(default)s)")
     s.add_argument("--out", required=True, help="the packed file to write (atomically)")
     s.set_defaults(func=cmd_pack, writes=lambda a: Path(a.out).parent)
+
+    s = sub.add_parser("convert", help="Hugging Face DETR checkpoints to and from the official layout",
+                       description="--from-hf DIR --out FILE: a Hugging Face checkpoint directory (config.json + "
+                       "model.safetensors or pytorch_model.bin, timm or no_timm ResNet backbone, the hub's on-disk "
+                       "names) to an official-layout checkpoint that also carries its architecture and id2label. "
+                       "--checkpoint FILE --to-hf DIR: the other way, to a directory that "
+                       "DetrForObjectDetection.from_pretrained loads. Class i of the model is id2label[i] (the "
+                       "official DETR's class index is the COCO category id); the last logit is no-object. "
+                       "Every --checkpoint also takes such a directory directly.")
+    s.add_argument("--from-hf", metavar="DIR", help="Hugging Face checkpoint directory to convert")
+    s.add_argument("--out", metavar="FILE", help="with --from-hf: the official-layout .pth to write (atomically)")
+    s.add_argument("--to-hf", metavar="DIR", help="the Hugging Face directory to write (swapped in whole)")
+    s.add_argument("--checkpoint", help="with --to-hf: the checkpoint file (or directory) to convert")
+    s.add_argument("--preset", help="with --to-hf: the architecture of a checkpoint that does not carry its own "
+                                    "(r50 for the official DETR-R50)")
+    s.add_argument("--backbone", choices=["timm", "no_timm"],
+                   help="with --to-hf: backbone names (default: the variant the checkpoint came from, else timm, "
+                        "the hub's main revision)")
+    s.set_defaults(func=cmd_convert, writes=lambda a: Path(a.out or a.to_hf or ".").resolve().parent)
+
+    from detrq.artifact.recipe import DEFAULT_RECIPE, RECIPE_WHY, SCHEME_SPECS
+
+    s = sub.add_parser("quantize", help="checkpoint + COCO data -> packed mixed-precision DETR and its report",
+                       description=QUANTIZE_HELP + RECIPE_WHY)
+    s.add_argument("--checkpoint", help="checkpoint file or Hugging Face directory (default: the embedded mini DETR)")
+    s.add_argument("--coco", help="COCO-layout root (default without --checkpoint: the synthetic set)")
+    s.add_argument("--split", help="evaluation split (default: val2017 if the root has it, else val)")
+    s.add_argument("--calib-split", help="split of the sensitivity and GPTQ calibration images, never the evaluation "
+                                         "one (default: train2017 if the root has it, else train)")
+    s.add_argument("--avg-bits", type=float, default=4.0, help="average bits over the quantized weights (default: "
+                                                               "%(default)s)")
+    s.add_argument("--metric", default=DEFAULT_RECIPE["metric"], choices=list(SCHEME_SPECS),
+                   help="sensitivity scheme of the ILP's costs (default: %(default)s)")
+    s.add_argument("--quantizer", default=DEFAULT_RECIPE["quantizer"], choices=QUANTIZERS,
+                   help="default: %(default)s")
+    s.add_argument("--bits", default="{}-{}".format(*DEFAULT_RECIPE["bits"]),
+                   help="every layer's choices LO-HI (default: %(default)s)")
+    s.add_argument("--preset", help="architecture of a plain checkpoint file (default: the one its tensors fit)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    s.add_argument("--min-size", type=int, help="shorter image side after resizing (default: the model's)")
+    s.add_argument("--max-size", type=int, help="cap on the longer image side (default: the model's)")
+    s.add_argument("--num-images", type=int, default=100, help="class-balanced sensitivity images (default: "
+                                                               "%(default)s)")
+    s.add_argument("--calib-images", type=int, default=128, help="gptq: calibration images (default: %(default)s)")
+    s.add_argument("--max-eval-images", type=int, help="evaluate on the first N images only (default: all)")
+    s.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default: %(default)s)")
+    s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: %(default)s, as train: the embedded default's small tensors gain "
+                        "1.4x from 2 threads on an idle 2-core machine and lose 3x on a busy one)")
+    s.add_argument("--out", required=True, metavar="DIR", help="where the packed checkpoint and report go")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_quantize, writes=lambda a: Path(a.out))
 
     s = sub.add_parser("pareto", help="notebook 07: mAP-vs-bits Pareto fronts, three quantizers, Table 2",
                        description="Runs notebook 07 (papermill) with a parameter file: every sensitivity scheme "
@@ -374,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks, e.g. 04_figures")
     s.set_defaults(func=cmd_notebooks)
 
-    s = sub.add_parser("int8", help="INT8 PTQ of a CNN detector (Faster R-CNN): size, latency, memory, mAP")
+    s = sub.add_parser("int8", help="INT8 PTQ of a CNN detector (Faster R-CNN, or any ONNX detector with --onnx): "
+                       "size, latency, memory, mAP")
     s.add_argument("--backend", default="fx", choices=["fx", "pt2e", "onnxruntime"], help="default: %(default)s")
     s.add_argument("--model", default="narrow", help="narrow (the trained checkpoint; default) or a torchvision "
                    "architecture with random weights: fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn")
@@ -383,30 +520,90 @@ def build_parser() -> argparse.ArgumentParser:
                    "box_head, box_predictor that the model has)")
     s.add_argument("--image-size", type=int, help="default: the checkpoint's, or 800 for a torchvision model")
     s.add_argument("--calib-images", type=int, default=32, help="train images to calibrate on (default: %(default)s)")
-    s.add_argument("--eval-images", type=int, help="evaluate on the first N val images only")
-    s.add_argument("--agreement-score-thr", type=float, default=0.5,
-                   help="detections compared float vs int8 score at least this (default: %(default)s)")
+    s.add_argument("--eval-images", type=int, help="evaluate on the first N val images only (--onnx: default 50)")
+    s.add_argument("--agreement-score-thr", type=float,
+                   help="detections compared float vs int8 score at least this (default: 0.5; --onnx: 0.25)")
     s.add_argument("--latency-images", type=int, default=4, help="val images per timed run (default: %(default)s)")
     s.add_argument("--batch-sizes", default="1,2,4,32,64", help="peak-memory batch sizes (default: %(default)s)")
     s.add_argument("--large-batch-image-size", type=int, help="image size of the peak-memory batches >= 32")
     s.add_argument("--compile", action="store_true", help="pt2e: torch.compile the int8 parts (int8 kernels)")
-    s.add_argument("--figures", help="write the activation figures (fx backend) to this directory")
-    s.add_argument("--out", help="default: results/int8/int8_<model>_<backend>.json")
+    s.add_argument("--figures", help="write the activation figures (fx backend, or --onnx) to this directory")
+    s.add_argument("--out", help="default: results/int8/int8_<model>_<backend>.json (--onnx: int8_<stem>_onnx.json)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    o = s.add_argument_group("ONNX models (--onnx): static int8 of your ONNX file with onnxruntime (QDQ, per-channel)")
+    o.add_argument("--onnx", help="the float ONNX detector to quantize (one image input [N,3,H,W] or [N,H,W,3])")
+    o.add_argument("--coco", help="COCO-format root: calibration on --split, agreement and AP on --eval-split")
+    o.add_argument("--split", default="train", help="calibration split of --coco (default: %(default)s)")
+    o.add_argument("--eval-split", default="val", help="evaluation split of --coco (default: %(default)s)")
+    o.add_argument("--images", help="or a folder of images: calibration and agreement (no AP) on its images")
+    o.add_argument("--input-size", help="H or HxW (default: the declared size, else 640)")
+    o.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch", "none"],
+                   help="letterbox (keep aspect, pad 114), stretch, or none (images must be the input size)")
+    o.add_argument("--channels", default="RGB", choices=["RGB", "BGR"], help="default: %(default)s")
+    o.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from the input's shape")
+    o.add_argument("--scale", type=float, default=1 / 255, help="pixels 0..255 times this (default: 1/255)")
+    o.add_argument("--mean", help="3 comma-separated values subtracted after --scale (default: 0,0,0)")
+    o.add_argument("--std", help="3 comma-separated values divided by after --mean (default: 1,1,1)")
+    o.add_argument("--int8-out", help="the int8 ONNX file (default: <model>_int8.onnx beside the model)")
     s.set_defaults(func=cmd_int8, writes=lambda a: Path(a.out).parent if a.out else PROJECT_ROOT / "results")
     return p
+
+
+def _numbers(flag: str, text: str, kind: type, count: int | None = None) -> tuple:
+    """A comma- (or x-) separated option value as a tuple of ``kind``, one error line if it is not one."""
+    try:
+        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count):
+        raise DetrqError(f"{flag} takes {count or 'some'} comma-separated numbers, got {text!r}")
+    return values
+
+
+def cmd_int8_onnx(args: argparse.Namespace, batch_sizes: tuple[int, ...]) -> None:
+    from detrq.int8.onnx_workflow import OnnxRunConfig, run_onnx_int8
+
+    size = _numbers("--input-size", args.input_size, int) if args.input_size else None
+    if size is not None and len(size) not in (1, 2):
+        raise DetrqError(f"--input-size takes H or HxW, got {args.input_size!r}")
+    def here(path: str | None) -> str | None:  # a user's relative paths are from the working directory
+        return None if path is None else str(Path(path).resolve())
+
+    cfg = OnnxRunConfig(onnx=here(args.onnx), coco=here(args.coco), split=args.split, eval_split=args.eval_split,
+                        images=here(args.images), calib_images=args.calib_images, eval_images=args.eval_images or 50,
+                        input_size=None if size is None else (size[0], size[-1]), resize=args.resize,
+                        channels=args.channels, layout=args.layout, scale=args.scale,
+                        mean=_numbers("--mean", args.mean, float, 3) if args.mean else (0.0, 0.0, 0.0),
+                        std=_numbers("--std", args.std, float, 3) if args.std else (1.0, 1.0, 1.0),
+                        agreement_score_thr=args.agreement_score_thr or 0.25, latency_images=args.latency_images,
+                        batch_sizes=batch_sizes, figures=here(args.figures), out=here(args.out),
+                        int8_out=here(args.int8_out))
+    r = run_onnx_int8(cfg)
+    mem, split = r["peak_memory_mb"], r["profile"]["int8_split"]
+    ap = (f", AP {r['AP_float']:.4f} -> {r['AP_int8']:.4f}" if r["AP_float"] is not None else
+          f"; {r['AP_note']}")
+    iqr = r["latency"]["ratio_iqr"]
+    print(f"{r['model']} (ONNX): size {r['size_bytes']['float'] / 1e6:.2f} -> {r['size_bytes']['int8'] / 1e6:.2f} MB "
+          f"({r['size_reduction']:.1%} smaller), latency x{r['latency_ratio']:.2f} [IQR {iqr[0]:.2f}-{iqr[1]:.2f}] "
+          f"at {r['image_size']} px, float operators "
+          f"{split['float_ops_share']:.0%} of int8 time{ap}; peak RSS MB float/int8 "
+          + " ".join(f"b{b}:{mem['float'][b]:.0f}/{mem['int8'][b]:.0f}" for b in mem["float"])
+          + (f" ({r['peak_memory_note']})" if r["peak_memory_note"] else ""))
 
 
 def cmd_int8(args: argparse.Namespace) -> None:
     from detrq.int8.workflow import Int8RunConfig, run_int8
 
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    except ValueError:
-        raise DetrqError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
+    batch_sizes = _numbers("--batch-sizes", args.batch_sizes, int)
+    if args.onnx:
+        cmd_int8_onnx(args, batch_sizes)
+        return
+    onnx_only = [f for f in ("coco", "images", "input_size", "mean", "std", "int8_out") if getattr(args, f)]
+    if onnx_only:
+        raise DetrqError(f"--{onnx_only[0].replace('_', '-')} is for --onnx models; pass --onnx FILE")
     cfg = Int8RunConfig(backend=args.backend, model=args.model, calib_images=args.calib_images, compile=args.compile,
                         parts=tuple(args.parts.split(",")) if args.parts else None, image_size=args.image_size,
-                        eval_images=args.eval_images, agreement_score_thr=args.agreement_score_thr,
+                        eval_images=args.eval_images, agreement_score_thr=args.agreement_score_thr or 0.5,
                         latency_images=args.latency_images, batch_sizes=batch_sizes,
                         large_batch_image_size=args.large_batch_image_size, figures=args.figures, out=args.out)
     if args.checkpoint:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 COMPILE = (
     "pip-compile --allow-unsafe --generate-hashes --no-emit-find-links --no-emit-index-url --strip-extras "
-    "--output-file=requirements.lock pyproject.toml"
+    "--extra test --output-file=requirements.lock pyproject.toml"
 )
 
 
@@ -44,8 +44,10 @@ def pyproject():
 
 
 def test_every_direct_dependency_is_locked_at_its_pin():
+    # the test extra is locked too: ./reproduce.sh test installs only from the lock
     entries = lock_entries()
-    for dep in pyproject()["project"]["dependencies"]:
+    project = pyproject()["project"]
+    for dep in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", dep)
         assert m, f"pyproject.toml dependency not pinned with ==: {dep}"
         assert norm(m[1]) in entries, f"{m[1]} is missing from requirements.lock (regenerate it, see pyproject.toml)"

@@ -12,6 +12,7 @@ import math
 import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from detrq.models.boxes import box_cxcywh_to_xyxy
 class DetrConfig:
     """Everything that determines a DETR's architecture."""
 
-    backbone: str  # "resnet50" or "narrow"
+    backbone: str  # a torchvision ResNet of RESNETS ("resnet50": the official DETR) or "narrow"
     num_classes: int  # max category id + 1; the logits have num_classes + 1 columns (the last is no-object)
     hidden_dim: int = 256
     nheads: int = 8
@@ -43,6 +44,7 @@ class DetrConfig:
     train_backbone: bool = True
     min_size: int = 800  # eval image policy: shorter side resized to min_size ...
     max_size: int = 1333  # ... and the longer side capped at max_size
+    dilation: bool = False  # ResNet trunks only: layer4 dilated instead of strided (the official DC5 models)
 
 
 PRESETS: dict[str, DetrConfig] = {
@@ -115,16 +117,25 @@ class NarrowResNet(nn.Module):
         return x
 
 
+# The official DETR's trunks (its --backbone choices) and their output channels; Hugging Face checkpoints use them too.
+RESNETS: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
 def build_trunk(cfg: DetrConfig, norm_layer=FrozenBatchNorm2d) -> tuple[nn.Module, int]:
     """The CNN trunk named as the official ``backbone.0.body`` and its output channels."""
-    if cfg.backbone == "resnet50":
-        # torchvision's ResNet-50 is v1.5 (stride on the 3x3 conv), as in the official DETR.
-        resnet = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, False],
-                                             norm_layer=norm_layer)
-        return IntermediateLayerGetter(resnet, return_layers={"layer4": "0"}), 2048
+    if cfg.backbone in RESNETS:
+        if cfg.dilation and cfg.backbone in ("resnet18", "resnet34"):
+            raise DetrqError(f"{cfg.backbone} has basic blocks, which torchvision cannot dilate: dilation needs "
+                             "resnet50 or resnet101")
+        # torchvision's ResNets are v1.5 (stride on the 3x3 conv), as in the official DETR.
+        resnet = getattr(torchvision.models, cfg.backbone)(
+            weights=None, replace_stride_with_dilation=[False, False, cfg.dilation], norm_layer=norm_layer)
+        return IntermediateLayerGetter(resnet, return_layers={"layer4": "0"}), RESNETS[cfg.backbone]
+    if cfg.dilation:
+        raise DetrqError("dilation applies to ResNet trunks only, not the narrow trunk")
     if cfg.backbone == "narrow":
         return NarrowResNet(cfg.stem_channels, cfg.stage_channels, norm_layer), cfg.stage_channels[-1]
-    raise DetrqError(f"unknown backbone {cfg.backbone!r}: use 'resnet50' or 'narrow'")
+    raise DetrqError(f"unknown backbone {cfg.backbone!r}: use one of {', '.join(RESNETS)} or 'narrow'")
 
 
 class Backbone(nn.Module):
@@ -134,9 +145,9 @@ class Backbone(nn.Module):
         super().__init__()
         self.body, self.num_channels = build_trunk(cfg)
         for name, p in self.body.named_parameters():
-            # Official R50: only layer2-4 train, conv1 and layer1 stay frozen. The narrow trunk trains whole.
+            # Official ResNets: only layer2-4 train, conv1 and layer1 stay frozen. The narrow trunk trains whole.
             early = not any(s in name for s in ("layer2", "layer3", "layer4"))
-            if not cfg.train_backbone or (cfg.backbone == "resnet50" and early):
+            if not cfg.train_backbone or (cfg.backbone in RESNETS and early):
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -403,8 +414,9 @@ def guess_preset(state_dict: dict[str, Tensor]) -> str | None:
     return best if best_overlap > 0.5 else None
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a checkpoint in the official format (``{"model": state_dict, ...}``) or a bare state dict."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file in the official format (``{"model": state_dict, ...}``, with whatever else it carries)
+    or a bare state dict (returned as ``{"model": state_dict}``), read with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
         raise DetrqError(f"checkpoint not found: {path}")
@@ -419,12 +431,23 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise DetrqError(f"{path} holds no DETR state dict (expected {{'model': state_dict}} or a state dict)")
-    return sd
+    return {**ckpt, "model": sd} if "model" in ckpt else {"model": sd}
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of a checkpoint file (``read_checkpoint``)."""
+    return read_checkpoint(path)["model"]
 
 
 def load_checkpoint(model: DETR, path: str | Path) -> DETR:
-    """Load a checkpoint into ``model`` with strict=True, or raise one clear ``DetrqError``."""
-    sd = read_state_dict(path)
+    """Load a checkpoint file into ``model`` with strict=True, or raise one clear ``DetrqError``. (A Hugging Face
+    directory, or a file that carries its own architecture, goes through ``loading.load_model``.)"""
+    return load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: DETR, sd: dict[str, Tensor], source: str | Path) -> DETR:
+    """Load an official-layout state dict read from ``source`` into ``model`` with strict=True, or raise one
+    ``DetrqError`` naming the missing, unexpected or mis-shaped entries and the preset the state dict fits."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own and not k.endswith("num_batches_tracked")]
@@ -440,6 +463,6 @@ def load_checkpoint(model: DETR, path: str | Path) -> DETR:
             parts.append(f"shape mismatch at {k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
         fit = guess_preset(sd)
         hint = f"; the file looks like preset {fit!r}" if fit else "; it fits no known preset"
-        raise DetrqError(f"checkpoint {path} does not match the model: {'; '.join(parts)}{hint}")
+        raise DetrqError(f"checkpoint {source} does not match the model: {'; '.join(parts)}{hint}")
     model.load_state_dict(sd, strict=True)
     return model

@@ -9,7 +9,8 @@ Every sensitivity metric ends in such a table, so the ILP (``ilp.allocate_bits``
   c sqrt(2/pi) sigma_l S_l``, where ``sigma_l = ||Delta W_l|| / sqrt(|W_l|)`` is the per-weight quantization error,
   ``S_l`` the box Jacobian's row-norm sum and ``c`` Eq. (5)'s L1 normalisation (``hessian.first_order``). The
   two terms' weights come from Eq. (5) itself; no constant is fitted to measured costs;
-* measured costs (``truth.py``, "Measured Sen"): a table already.
+* measured costs (``truth.py``, "Measured Sen"): a table already;
+* ModelOpt's auto_quantize score (``modelopt.py``, beyond the paper): a table already, per layer and bit width.
 
 Negative trace estimates (a Hutchinson estimate of a small or indefinite block can be < 0) reward quantization
 error in the ILP, which then sends that layer to its lowest bits. ``negative_traces`` says what to do with them:
@@ -28,6 +29,7 @@ from torch import Tensor
 from detrq.io.errors import DetrqError
 from detrq.quant.quantizers import EQ6, WeightQuantizer
 from detrq.sensitivity import FIRST_ORDER, METRICS
+from detrq.sensitivity.modelopt import MODELOPT, modelopt_costs
 
 NEGATIVE_POLICIES: tuple[str, ...] = ("keep", "clip", "abs")
 # E|x| = sqrt(2/pi) sigma for x ~ N(0, sigma^2): the isotropic error model of the first-order term.
@@ -111,7 +113,7 @@ def cost_table(traces: Mapping[str, Any], weights: Mapping[str, Tensor], bits_ra
     quantizer that will be applied (a measured table must have been measured with that quantizer)."""
     metric = traces.get("metric", "measured" if "reference_bits" in traces else None)
     layers = traces.get("layers")
-    if metric not in (*METRICS, FIRST_ORDER, "measured") or not isinstance(layers, Mapping):
+    if metric not in (*METRICS, FIRST_ORDER, MODELOPT, "measured") or not isinstance(layers, Mapping):
         raise DetrqError(f"not a traces result (metric {metric!r}): pass a file written by `detrq traces`")
     if metric == "measured":
         measured_with = traces.get("settings", {}).get("quantizer", "eq6")
@@ -119,6 +121,8 @@ def cost_table(traces: Mapping[str, Any], weights: Mapping[str, Tensor], bits_ra
             raise DetrqError(f"these measured costs were measured with the {measured_with} quantizer, not "
                              f"{quantizer.name}: measure them with the quantizer that will be applied")
         return measured_costs(traces, bits_range)
+    if metric == MODELOPT:
+        return modelopt_costs(traces, bits_range, quantizer)
     if metric == FIRST_ORDER:
         terms = first_order_terms({n: v["kl"]["avg_trace"] for n, v in layers.items()},
                                   {n: v["jacobian"]["sum"] for n, v in layers.items()}, traces["l1_scale"],

@@ -3,7 +3,8 @@
 
 A traces file is what ``pipeline.run_traces`` writes: ``metric``, ``layers`` and, per layer, a
 ``TraceEstimate.to_dict()`` (``trace``, ``avg_trace``, ``stderr``, ``n_probes``, ``numel``, ``samples``), or for
-the first-order metric ``{"kl": estimate, "jacobian": row-norm sum}`` plus ``l1_scale``. ``check_traces``
+the first-order metric ``{"kl": estimate, "jacobian": row-norm sum}`` plus ``l1_scale``, or for ModelOpt's score
+``{bits: estimate}``. ``check_traces``
 checks the schema, that every value is finite, that ``trace``/``avg_trace``/``numel``/``stderr`` agree with each
 other and with the samples, and (given the model's layers) that every layer is a quantizable layer of the model
 with the recorded ``numel``. Every problem is collected and reported in one ``DetrqError`` line.
@@ -20,6 +21,7 @@ from typing import Any
 
 from detrq.io.errors import DetrqError
 from detrq.sensitivity import ALL_METRICS, FIRST_ORDER
+from detrq.sensitivity.modelopt import MODELOPT
 
 ESTIMATE_KEYS = ("trace", "avg_trace", "stderr", "n_probes", "numel")
 JACOBIAN_KEYS = ("sum", "stderr", "n_probes", "n_rows")
@@ -120,7 +122,7 @@ def check_traces(data: Any, source: str, layers: Mapping[str, Any] | None = None
         raise DetrqError(f"{source} is not a traces file (a JSON object); pass a file written by `detrq traces`")
     metric = data.get("metric", "measured" if "reference_bits" in data else None)
     entries = data.get("layers")
-    if metric not in (*ALL_METRICS, "measured") or not isinstance(entries, Mapping) or not entries:
+    if metric not in (*ALL_METRICS, MODELOPT, "measured") or not isinstance(entries, Mapping) or not entries:
         raise DetrqError(f"{source} is not a traces file (metric {metric!r}, {'no' if not entries else 'bad'} "
                          "'layers'); pass a file written by `detrq traces` or a measured-costs file")
     problems: list[str] = []
@@ -138,6 +140,12 @@ def check_traces(data: Any, source: str, layers: Mapping[str, Any] | None = None
                 continue
             _check_estimate(entry["kl"], f"layer {name!r} kl", problems, numel)
             _check_jacobian(entry["jacobian"], f"layer {name!r} jacobian", problems)
+        elif metric == MODELOPT:
+            if not isinstance(entry, Mapping) or not entry or not all(str(b).isdigit() for b in entry):
+                problems.append(f"layer {name!r}: needs {{bits: estimate}}")
+                continue
+            for b, estimate in entry.items():
+                _check_estimate(estimate, f"layer {name!r} at {b} bits", problems, numel)
         else:
             _check_estimate(entry, f"layer {name!r}", problems, numel)
     if metric == FIRST_ORDER and not (_number(data.get("l1_scale")) and data["l1_scale"] > 0):
