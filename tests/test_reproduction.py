@@ -17,7 +17,7 @@ def _write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _results(root, ap=48.5, bits=None, trace=10.0, verdict="holds", latency=0.7, int8_ap=0.65):
+def _results(root, ap=48.5, bits=None, trace=10.0, verdict="holds", latency=0.7, int8_ap=0.65, cpu="CPU A"):
     """A minimal committed-results directory: Table 1, a bit map, traces, claims, curve, notebook 05, INT8."""
     bits = bits or {"a": 4, "b": 6}
     _write(results_file(root, "table1.json"),
@@ -32,7 +32,7 @@ def _results(root, ap=48.5, bits=None, trace=10.0, verdict="holds", latency=0.7,
     _write(results_file(root, "sensitivity_check.json"), {"rho_default": [{"scheme": "loss", "rho": 0.7}]})
     _write(results_file(root, "int8_frcnn_narrow_fx.json"), {
         "model": "frcnn_narrow", "backend": "fx", "AP_float": 0.65, "AP_int8": int8_ap,
-        "size_bytes": {"float": 100, "int8": 27}, "latency_ratio": latency})
+        "size_bytes": {"float": 100, "int8": 27}, "latency_ratio": latency, "environment": {"cpu": cpu}})
     return root
 
 
@@ -68,11 +68,32 @@ def test_each_kind_of_number_gets_its_verdict(tmp_path):
     assert v["bit map loss_4bit"] == "differs"  # layer b is 10% of the weights
     assert v["traces loss"] == "within tolerance"
     assert v["claim: Loss Sen beats uniform at 4 bits"] == "differs"
-    assert v["INT8 frcnn_narrow fx AP_int8"] == "differs"  # exact
-    assert v["INT8 frcnn_narrow fx latency ratio"] == "within tolerance"  # 0.8 / 0.7 inside the band
+    assert v["INT8 frcnn_narrow fx AP_int8"] == "differs"  # 1 point, past Table 1's 0.1
+    assert v["INT8 frcnn_narrow fx latency ratio"] == "within tolerance"  # 0.8 / 0.7 inside the band, same CPU
     assert report["verdict"] == "DIFFERS"
     text = rp.report_text(report)
     assert "WARNING: claim: Loss Sen beats uniform at 4 bits DIFFERS" in text and "committed results are unchanged" in text
+
+
+def test_int8_ap_takes_table1_tolerance_and_latency_only_the_same_cpu(tmp_path):
+    committed = _results(tmp_path / "results")
+    runs = {"default": _run(tmp_path, "default"),
+            "int8": _run(tmp_path, "int8", latency=0.81, int8_ap=0.649999, cpu="CPU B")}
+    report = rp.compare_runs(committed, runs)
+    v = _verdicts(report)
+    assert v["INT8 frcnn_narrow fx AP_int8"] == "within tolerance"  # float rounding, 1e-4 points
+    assert v["INT8 frcnn_narrow fx size int8 (bytes)"] == "identical"
+    assert v["INT8 frcnn_narrow fx latency ratio"] == "not compared"  # 0.81 vs 0.7 on another CPU is no verdict
+    assert report["verdict"] == "reproduced"
+    assert "other CPU: not compared: INT8 frcnn_narrow fx latency ratio: committed 0.7 on CPU A, regenerated 0.81 " \
+           "on CPU B" in rp.report_text(report)
+
+
+def test_int8_file_without_cpu_takes_the_committed_runs_cpu(tmp_path):
+    committed = _results(tmp_path / "results", cpu=None)
+    _write(results_file(committed, "runtime_int8.json"), {"cpu": "CPU B"})
+    runs = {"default": _run(tmp_path, "default"), "int8": _run(tmp_path, "int8", latency=2.0, cpu="CPU B")}
+    assert _verdicts(rp.compare_runs(committed, runs))["INT8 frcnn_narrow fx latency ratio"] == "differs"
 
 
 def test_bitmap_share_is_weighted_by_layer_size():

@@ -58,9 +58,9 @@ def paired_latency(float_fn: Callable[[], Any], int8_fn: Callable[[], Any], *, r
             "ratio": statistics.median(ratios), "ratio_iqr": [q1, q3], "repeats": repeats}
 
 
-def _make_inputs(kind: str, batch: int, size: int, seed: int):
+def _make_inputs(kind: str, batch: int, size: tuple[int, int], seed: int):
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, size, size, generator=g)
+    images = torch.rand(batch, 3, *size, generator=g)
     return list(images) if kind == "detector" else images
 
 
@@ -74,18 +74,21 @@ def _status_mb(key: str) -> float:
 
 
 def peak_memory(factory: str, factory_kwargs: dict[str, Any], kind: str, batch_sizes: Sequence[int],
-                image_size: int, *, device: str = "cpu", threads: int = 1) -> dict[str, dict[str, float]]:
+                image_size: int | tuple[int, int], *, device: str = "cpu", threads: int = 1
+                ) -> dict[str, dict[str, float]]:
     """{batch: {"peak_rss_mb", "baseline_rss_mb", "inference_increment_mb"[, "cuda_max_allocated_mb"]}}, one fresh
     subprocess per batch.
 
     ``factory`` is "package.module:function"; the child calls it with ``factory_kwargs`` (JSON) to build the
     model. ``baseline_rss_mb`` is the child's RSS after building, when the high-water mark is reset; inputs are
-    random [0, 1] images of ``image_size`` px (a list for a detector, a batch tensor for a classifier).
+    random [0, 1] images of ``image_size`` px, square or (height, width) (a list for a detector, a batch tensor
+    for a classifier).
     """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     out: dict[str, dict[str, float]] = {}
     for batch in batch_sizes:
         cmd = [sys.executable, "-m", "detrq.int8.measure", factory, json.dumps(factory_kwargs), "--kind", kind,
-               "--batch", str(batch), "--size", str(image_size), "--device", device, "--threads", str(threads)]
+               "--batch", str(batch), "--size", f"{h}x{w}", "--device", device, "--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -101,7 +104,7 @@ def _child(argv: list[str]) -> None:
     p.add_argument("kwargs")
     p.add_argument("--kind", required=True)
     p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--size", required=True, help="HxW")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -109,7 +112,7 @@ def _child(argv: list[str]) -> None:
     module, _, fn = a.factory.partition(":")
     model = getattr(importlib.import_module(module), fn)(**json.loads(a.kwargs)).to(a.device)
     model.eval()  # not chained: an exported pt2e module's eval() returns None
-    inputs = _make_inputs(a.kind, a.batch, a.size, seed=0)
+    inputs = _make_inputs(a.kind, a.batch, tuple(int(v) for v in a.size.split("x")), seed=0)
     inputs = [x.to(a.device) for x in inputs] if a.kind == "detector" else inputs.to(a.device)
     with torch.no_grad():
         model(inputs)  # warm-up: lazy initialisation and torch.compile's compilation are not inference memory

@@ -1,9 +1,10 @@
 """ONNX export and onnxruntime execution of model parts, and the "onnxruntime" int8 backend.
 
-``export_onnx`` writes a module to ONNX (the dynamo exporter, input dimensions dynamic) and ``OrtModule`` runs
-such a graph in onnxruntime behind an ``nn.Module`` interface that takes and returns torch tensors in the same
-structure (a dict of FPN levels stays a dict), so an ORT part can be dropped into a torchvision detector in place
-of the PyTorch part. The ONNX bytes are the module's one buffer: its serialized size is the graph's size.
+``export_onnx`` writes a module to ONNX (the dynamo exporter, input dimensions dynamic, no provenance metadata)
+and ``OrtModule`` runs such a graph in onnxruntime behind an ``nn.Module`` interface that takes and returns torch
+tensors in the same structure (a dict of FPN levels stays a dict), so an ORT part can be dropped into a torchvision
+detector in place of the PyTorch part. The ONNX bytes are the module's one buffer: its serialized size is the
+graph's size.
 The int8 backend exports the float part, calibrates on the inputs the part received during calibration and
 runs ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel int8 weights, uint8 activations).
 """
@@ -38,7 +39,25 @@ def export_onnx(module: nn.Module, example: tuple[Tensor, ...]) -> bytes:
         raise DetrqError(f"ONNX export of {type(module).__name__} produced nothing")
     buf = io.BytesIO()
     program.save(buf)
-    return buf.getvalue()
+    return strip_provenance(buf.getvalue())
+
+
+def strip_provenance(onnx_bytes: bytes) -> bytes:
+    """ONNX bytes without the exporter's per-node provenance: the dynamo exporter stores each node's Python
+    stack trace (absolute paths of the checkout and the venv, line numbers), so the same model exported from
+    another folder or commit had a different size. What is left depends only on the graph and its weights."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for item in [*graph.node, *graph.value_info, *graph.input, *graph.output, *graph.initializer]:
+            del item.metadata_props[:]
+            item.ClearField("doc_string")
+        graphs += [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
+        graphs += [g for n in graph.node for a in n.attribute for g in a.graphs]
+    return model.SerializeToString()
 
 
 class OrtModule(nn.Module):

@@ -46,8 +46,12 @@ def plot_first_layer(image: Tensor, diff: LayerDiff, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_layer_maps(diffs: Sequence[LayerDiff], path: str | Path) -> Path:
-    """Every conv layer (columns) x float map, int8 map, absolute diff, relative diff % (rows)."""
+ISOLATED = "each int8 layer fed the float input"
+
+
+def plot_layer_maps(diffs: Sequence[LayerDiff], path: str | Path, feed: str = ISOLATED) -> Path:
+    """Every conv layer (columns) x float map, int8 map, absolute diff, relative diff % (rows); ``feed`` says
+    what each int8 layer was given (the title)."""
     fig, axes = plt.subplots(4, len(diffs), figsize=(1.25 * len(diffs), 5.6), squeeze=False)
     for col, d in enumerate(diffs):
         for row, (key, title, cmap) in enumerate(_ROWS):
@@ -61,17 +65,17 @@ def plot_layer_maps(diffs: Sequence[LayerDiff], path: str | Path) -> Path:
             if col == 0:
                 ax.set_ylabel(title, fontsize=8)
         axes[0, col].set_title(d.name.replace("body.", "").replace("fpn.", "fpn\n"), fontsize=6)
-    fig.suptitle("channel-averaged activations per conv layer, each int8 layer fed the float input", fontsize=10)
+    fig.suptitle(f"channel-averaged activations per conv layer, {feed}", fontsize=10)
     return _save(fig, path)
 
 
 def plot_hexbins(diffs: Sequence[LayerDiff], scores: tuple[np.ndarray, np.ndarray] | None, path: str | Path,
-                 max_points: int = 20000) -> Path:
+                 max_points: int = 20000, scores_label: str = "detection scores") -> Path:
     """Float vs int8 activations per layer (log-count hexbins) and, for a detector, float vs int8 detection
-    scores (last panel)."""
+    scores (last panel, titled ``scores_label``)."""
     panels = [(d.name, d.float_values.numpy(), d.int8_values.numpy()) for d in diffs]
     if scores is not None:
-        panels.append(("detection scores", scores[0], scores[1]))
+        panels.append((scores_label, scores[0], scores[1]))
     cols = min(6, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.3 * rows), squeeze=False)
@@ -91,13 +95,13 @@ def plot_hexbins(diffs: Sequence[LayerDiff], scores: tuple[np.ndarray, np.ndarra
     return _save(fig, path)
 
 
-def plot_sqnr(diffs: Sequence[LayerDiff], path: str | Path) -> Path:
-    """Per-layer SQNR (dB) of the int8 layer fed the float input; higher is better."""
+def plot_sqnr(diffs: Sequence[LayerDiff], path: str | Path, feed: str = ISOLATED) -> Path:
+    """Per-layer SQNR (dB) of each int8 layer (fed as ``feed`` says); higher is better."""
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(diffs)), 3.5))
     ax.bar(range(len(diffs)), [d.sqnr_db for d in diffs], color="tab:blue")
     ax.set_xticks(range(len(diffs)), [d.name.replace("body.", "") for d in diffs], rotation=75, fontsize=7)
     ax.set_ylabel("SQNR (dB)")
-    ax.set_title("int8 vs float, per conv layer")
+    ax.set_title(f"int8 vs float, per conv layer ({feed})", fontsize=9)
     return _save(fig, path)
 
 
@@ -107,12 +111,18 @@ def layer_figures(float_cnn: nn.Module, int8_cnn: nn.Module, x: Tensor, image: T
     batch ``x`` of size 1 (``image``: the picture it came from, shown beside the first layer); ``scores``: the
     detection-score pairs for a detector, None for a classifier. Returns per-layer SQNR and the file names."""
     diffs = compare_layers(fused_float_reference(float_cnn), int8_cnn, x)
-    fig_dir = Path(fig_dir)
-    paths = [
-        plot_first_layer(image, diffs[0], fig_dir / f"{prefix}_first_layer.png"),
-        plot_layer_maps(diffs, fig_dir / f"{prefix}_layer_maps.png"),
-        plot_hexbins(diffs, scores, fig_dir / f"{prefix}_hexbin.png"),
-        plot_sqnr(diffs, fig_dir / f"{prefix}_sqnr.png"),
+    return draw_layer_figures(diffs, image, scores, fig_dir, prefix)
+
+
+def draw_layer_figures(diffs: Sequence[LayerDiff], image: Tensor, scores: tuple[np.ndarray, np.ndarray] | None,
+                       fig_dir: str | Path | None, prefix: str, feed: str = ISOLATED,
+                       scores_label: str = "detection scores") -> dict:
+    """The four layer figures of ``diffs`` (none where ``fig_dir`` is None) and the numbers behind them."""
+    paths = [] if fig_dir is None else [
+        plot_first_layer(image, diffs[0], Path(fig_dir) / f"{prefix}_first_layer.png"),
+        plot_layer_maps(diffs, Path(fig_dir) / f"{prefix}_layer_maps.png", feed),
+        plot_hexbins(diffs, scores, Path(fig_dir) / f"{prefix}_hexbin.png", scores_label=scores_label),
+        plot_sqnr(diffs, Path(fig_dir) / f"{prefix}_sqnr.png", feed),
     ]
     return {"sqnr_db": {d.name: d.sqnr_db for d in diffs},
             "mean_rel_diff_pct": {d.name: float(d.rel_diff_map.mean()) for d in diffs},

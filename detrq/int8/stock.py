@@ -26,6 +26,29 @@ STOCK_MODELS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
 STOCK_IMAGE_SIZE = 800
 
 
+def _train_bn_only(model: nn.Module, bns: Sequence[nn.BatchNorm2d]) -> None:
+    """``model`` in eval mode but ``bns`` in train mode, their statistics reset to a cumulative average."""
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches, not an exponential one
+    model.eval()
+    for bn in bns:
+        bn.train()
+
+
+def recalibrate_all_bn(model: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
+    """``recalibrate_batchnorm`` for a model that takes a [N, 3, H, W] batch: every BatchNorm2d of ``model``
+    (backbone, neck and head), over ``model(batch)`` for each of ``batches``; returns it in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns or len(batches) == 0:
+        raise DetrqError(f"BatchNorm recalibration of {type(model).__name__} needs BatchNorm2d layers and an image")
+    _train_bn_only(model, bns)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return model.eval()
+
+
 def recalibrate_batchnorm(model: nn.Module, images: Sequence[Tensor], batch_size: int = 2) -> nn.Module:
     """Replace the running mean/variance of every BatchNorm2d in ``model.backbone`` by their cumulative average
     over ``images`` (train-mode forward passes, no gradients), in place; returns the model in eval mode."""
@@ -34,12 +57,7 @@ def recalibrate_batchnorm(model: nn.Module, images: Sequence[Tensor], batch_size
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns:
         raise DetrqError(f"{type(model).__name__}.backbone has no BatchNorm2d to recalibrate (frozen BN?)")
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all batches, not an exponential one
-    model.eval()
-    for bn in bns:
-        bn.train()
+    _train_bn_only(model, bns)
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             model.backbone(model.transform(list(images[i:i + batch_size]))[0].tensors)

@@ -34,7 +34,7 @@ from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import results_file
 from detrq.io.paths import PROJECT_ROOT, repo_relative, resolve_path
-from detrq.io.results import environment, sha256_file, write_json_atomic
+from detrq.io.results import cpu_record, environment, sha256_file, write_json_atomic
 
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
 DEFAULT_DATA = PROJECT_ROOT / "data" / "synthetic"
@@ -237,7 +237,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
         "checkpoint_sha256": fm.checkpoint_sha256,
         "config": {k: repo_relative(v) if k in _PATH_FIELDS and v is not None else v for k, v in dataclasses.asdict(cfg).items()
                    if k not in _OUTPUT_FIELDS},
-        "environment": environment(),
+        "environment": {**environment(), **cpu_record()},  # latency depends on the CPU's int8 kernels
         "cache_key": key,
     }
     if cfg.figures is not None:

@@ -91,6 +91,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# /proc/cpuinfo flags that decide which int8 kernels a CPU runs (oneDNN/fbgemm for PyTorch, MLAS for onnxruntime):
+# x86 AVX2 (u8 x s8 multiply-adds that can saturate), AVX-512, VNNI (AVX512 or AVX) dot products, AMX tiles;
+# ARM dot-product (asimddp) and int8 matrix multiply (i8mm).
+INT8_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_int8_isa() -> list[str]:
+    """The CPU's int8-relevant instruction sets (``INT8_ISA_FLAGS`` present in /proc/cpuinfo's flags or ARM
+    features), in that order; empty where /proc/cpuinfo is missing."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    flags: set[str] = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [f for f in INT8_ISA_FLAGS if f in flags]
+
+
+def cpu_record() -> dict[str, Any]:
+    """The CPU facts that INT8 latency depends on: model name, int8 instruction sets, cores available."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"cpu": cpu_model(), "cpu_int8_isa": cpu_int8_isa(), "cpu_cores": cores}
+
+
 def environment() -> dict[str, Any]:
     """Versions and host facts recorded with every result."""
     import torch
