@@ -201,8 +201,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def failing_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"partial")  # the temp file is started, then the write fails
+        f.write(b"partial")  # the temp file is started, then the write fails
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)
@@ -212,3 +211,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt"]  # no temp file left behind
     monkeypatch.undo()
     assert load_packed(path)[1] == {"run": 1}
+
+
+def test_the_same_packing_gives_the_same_bytes(tmp_path):
+    sd = _tensors()
+    codes = {name: rtn_codes(sd[name], 4, True) for name in QUANTIZED}
+    save_packed(tmp_path / "a.pt", sd, codes, {"bits": 4})
+    save_packed(tmp_path / "b.pt", sd, codes, {"bits": 4})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

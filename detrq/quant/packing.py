@@ -301,6 +301,8 @@ def save_packed(path: str | os.PathLike, state_dict: Mapping[str, Tensor], codes
     An earlier file at ``path`` survives any failure (the file is written to a temp file, then renamed).
     """
     obj = pack_state(state_dict, codes, meta)
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: torch.save names the archive's records after a path's file name (the random temp
+    # name here), and "archive" for a file object, so one packing always gives the same bytes.
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return size_report(obj, Path(path).stat().st_size)
