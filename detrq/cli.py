@@ -204,7 +204,8 @@ def cmd_pack(args: argparse.Namespace) -> None:
     report = save_packed(args.out, state, codes, meta)
     # Read back what was written: the file must restore exactly the weights an evaluation of this bit map uses.
     loaded, _ = load_packed(args.out)
-    bad = [n for n, c in codes.items() if not torch.equal(loaded[n], dequantize(c))]
+    # the file holds CPU tensors; the codes live on the device the quantizer ran on
+    bad = [n for n, c in codes.items() if not torch.equal(loaded[n], dequantize(c).cpu())]
     if bad:
         raise RuntimeError(f"packed weight {bad[0]} does not round-trip bit for bit")
     mb = 1e6
