@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One-shot driver for detrq. See README.md.
-#   ./reproduce.sh [--reuse]          the embedded default (mini DETR, synthetic data, CPU), computed into runs/default/
+#   ./reproduce.sh [--profile paper|complete] [--reuse]
+#                                     the embedded default (mini DETR, synthetic data, CPU), computed into runs/default/
+#                                     (complete, the default) or runs/paper/ (the paper's numbers only)
 #   ./reproduce.sh int8 [--reuse]     the INT8 Faster R-CNN workflow (notebook 06), computed into runs/int8/
 #   ./reproduce.sh accept             make the compared runs/ the committed results/, figures/ and notebooks/
-#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda] [--nproc N]   the paper's setting, into runs/full/
+#   ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda] [--nproc N] [--profile paper|complete]
+#                                     the paper's setting, into runs/full/
 #   ./reproduce.sh test               pytest, then nbval on the committed notebooks
 # Each sets up .venv with the pinned dependencies first when it is missing or out of date. A run never writes the
 # committed results: it computes everything into its run directory and ends with the reproduction report
@@ -13,16 +16,20 @@ cd "$(dirname "$0")"
 
 usage() {
   cat <<'TXT'
-usage: ./reproduce.sh [--reuse]        run the embedded default from scratch into runs/default/ (CPU, 20-30
-                                       minutes), then compare it with the committed results
+usage: ./reproduce.sh [--profile paper|complete] [--reuse]
+                                       run the embedded default from scratch (CPU), then compare it with the
+                                       committed results: profile complete (the default) computes everything
+                                       into runs/default/; profile paper only what reproducing the paper needs
+                                       (Table 1's 14 rows with intervals, its claims, Figures 1-2; one probe
+                                       seed) into runs/paper/, and its report marks the rest "not run"
        ./reproduce.sh int8 [--reuse]   run the INT8 Faster R-CNN workflow into runs/int8/ (CPU, 10-25 minutes), 
                                        then compare it with the committed results
        ./reproduce.sh accept           replace the committed results/, figures/, notebooks/ and README numbers
                                        with the runs in runs/ (after reading their report)
-       ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu] [--nproc N]
+       ./reproduce.sh full --coco DIR --checkpoint FILE [--device cuda|cpu] [--nproc N] [--profile P]
                                        run the paper's setting on COCO 2017 (GPU) into runs/full/; with
                                        --nproc N the traces and Table 1's evaluations run as N torchrun
-                                       ranks (one GPU each)
+                                       ranks (one GPU each); --profile as above (default: complete)
        ./reproduce.sh test             run the tests, then nbval on the committed notebooks
 --reuse keeps the run directory's cached results (a copy of the committed ones when it has none) and
 re-renders from them; the report then says the results were reused, not reproduced.
@@ -71,23 +78,35 @@ acquire_run_lock() {  # one ./reproduce.sh at a time per checkout: a second one 
 }
 
 TIMES=()  # NAME=SECONDS of each step, recorded in runs/<run>/runtime.json
-step() {  # step NAME CMD...: run and time one step
+LAST=0
+timed() {  # timed NAME CMD...: run and time one step (the command says what it does and how long it took)
   local name="$1"; shift
   local t0=$SECONDS
-  echo "== $name"
   "$@"
-  echo "   ($name: $((SECONDS - t0)) s)"
-  TIMES+=("$name=$((SECONDS - t0))")
+  LAST=$((SECONDS - t0))
+  TIMES+=("$name=$LAST")
+}
+step() {  # step NAME CMD...: say, run and time one step
+  echo "== $1"
+  timed "$@"
+  echo "   ($1: $LAST s)"
 }
 
-parse_reuse() {  # parse_reuse ARGS...: sets REUSE to --reuse or empty
+parse_reuse() {  # parse_reuse ARGS...: sets REUSE to --reuse or empty, and PROFILE (default complete)
   REUSE=""
-  for arg in "$@"; do
-    case "$arg" in
-      --reuse) REUSE="--reuse" ;;
-      *) die_usage "unknown argument '$arg'" ;;
+  PROFILE=complete
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --reuse) REUSE="--reuse"; shift ;;
+      --profile) [ $# -ge 2 ] || die_usage "--profile needs paper or complete"; PROFILE="$2"; shift 2 ;;
+      *) die_usage "unknown argument '$1'" ;;
     esac
   done
+  check_profile "$PROFILE"
+}
+
+check_profile() {
+  case "$1" in paper|complete) ;; *) die_usage "--profile must be paper or complete, got '$1'" ;; esac
 }
 
 ensure_data() {
@@ -99,25 +118,35 @@ in_run() {  # in_run RUN: the parameter overrides that send a notebook's results
   echo "--set results_dir=runs/$1/results --set figures_dir=runs/$1/figures --out-dir runs/$1/notebooks"
 }
 
-PAPER_NOTEBOOKS="01_hessian_traces 02_bit_allocation 03_table1 04_figures"
+notebook_steps() {  # notebook_steps PARAMS PROFILE ARGS...: one timed step per step of the profile: a notebook,
+  local params="$1" profile="$2"; shift 2   # or notebooks that run together (a nested list in the profile)
+  local steps line
+  steps="$(.venv/bin/python -c "import sys; from detrq.cli import guarded; \
+from detrq.artifact.notebooks import profile_steps, step_name; \
+sys.exit(guarded(lambda: print('\n'.join(step_name(s) + '|' + ' '.join(s) for s in profile_steps('$params', \
+'$profile')))))")"
+  while IFS='|' read -r name line; do
+    # shellcheck disable=SC2086
+    timed "$name" .venv/bin/python -m detrq notebooks --params "$params" --profile "$profile" "$@" --only $line \
+      $([ "${line#* }" != "$line" ] && echo --together)
+  done <<< "$steps"
+}
+
 run_default() {
   parse_reuse "$@"
+  local run=default
+  [ "$PROFILE" = complete ] || run="$PROFILE"
   acquire_run_lock
   setup_venv
   ensure_data
-  .venv/bin/python -m detrq run-start --run default $REUSE
+  .venv/bin/python -m detrq run-start --run "$run" $REUSE
   # shellcheck disable=SC2046
-  step "notebooks 01-04" .venv/bin/python -m detrq notebooks --params params/default.yaml $(in_run default) \
-    --only $PAPER_NOTEBOOKS
-  # shellcheck disable=SC2046
-  step "notebook 05 (sensitivity check)" .venv/bin/python -m detrq notebooks --params params/default.yaml \
-    $(in_run default) --only 05_sensitivity_check
-  # shellcheck disable=SC2046
-  step "notebook 07 (Pareto fronts, quantizers, Table 2)" .venv/bin/python -m detrq notebooks \
-    --params params/default.yaml $(in_run default) --only 07_pareto
-  step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet \
-    --results-dir runs/default/results
-  .venv/bin/python -m detrq report --run default --runtime "${TIMES[@]}"
+  notebook_steps params/default.yaml "$PROFILE" $(in_run "$run")
+  if [ "$PROFILE" = complete ]; then
+    step "uniform quantization curve (float, W8..W3)" .venv/bin/python -m detrq curve --quiet \
+      --results-dir runs/default/results
+  fi
+  .venv/bin/python -m detrq report --run "$run" --profile "$PROFILE" --runtime "${TIMES[@]}"
 }
 
 run_int8() {
@@ -154,9 +183,10 @@ run_accept() {
 }
 
 run_full() {
-  local coco="" checkpoint="" device="cuda" nproc=1
+  local coco="" checkpoint="" device="cuda" nproc=1 profile=complete
   while [ $# -gt 0 ]; do
     case "$1" in
+      --profile) [ $# -ge 2 ] || die_usage "--profile needs paper or complete"; profile="$2"; shift 2 ;;
       --nproc) [ $# -ge 2 ] || die_usage "--nproc needs a number of processes"; nproc="$2"; shift 2 ;;
       --coco) [ $# -ge 2 ] || die_usage "--coco needs a directory"; coco="$2"; shift 2 ;;
       --checkpoint) [ $# -ge 2 ] || die_usage "--checkpoint needs a file"; checkpoint="$2"; shift 2 ;;
@@ -170,6 +200,7 @@ run_full() {
   [ -f "$checkpoint" ] || die_usage "checkpoint not found: $checkpoint"
   case "$device" in cuda|cpu|cuda:*) ;; *) die_usage "--device must be cuda or cpu, got '$device'" ;; esac
   [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die_usage "--nproc must be a whole number >= 1, got '$nproc'"
+  check_profile "$profile"
   acquire_run_lock
   setup_venv
   # Absolute paths: the notebooks resolve relative ones against the repository root, not this shell's cwd.
@@ -177,14 +208,7 @@ run_full() {
     --set "checkpoint=$(cd "$(dirname "$checkpoint")" && pwd)/$(basename "$checkpoint")" --set "device=$device"
     --set "nproc=$nproc")
   # shellcheck disable=SC2046
-  step "notebooks 01-04" .venv/bin/python -m detrq notebooks --params params/full.yaml "${paths[@]}" \
-    $(in_run full) --only $PAPER_NOTEBOOKS
-  # shellcheck disable=SC2046
-  step "notebook 05 (sensitivity check)" .venv/bin/python -m detrq notebooks --params params/full.yaml \
-    "${paths[@]}" $(in_run full) --only 05_sensitivity_check
-  # shellcheck disable=SC2046
-  step "notebook 07 (Pareto fronts, quantizers, Table 2)" .venv/bin/python -m detrq notebooks \
-    --params params/full.yaml "${paths[@]}" $(in_run full) --only 07_pareto
+  notebook_steps params/full.yaml "$profile" "${paths[@]}" $(in_run full)
   echo "== results in runs/full/results, figures in runs/full/figures, executed notebooks in runs/full/notebooks"
 }
 
@@ -197,7 +221,7 @@ run_tests() {
 }
 
 case "${1:-}" in
-  ""|--reuse) run_default "$@" ;;
+  ""|--reuse|--profile) run_default "$@" ;;
   int8) shift; run_int8 "$@" ;;
   accept) shift; run_accept "$@" ;;
   full) shift; run_full "$@" ;;

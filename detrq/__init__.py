@@ -11,6 +11,6 @@ checks this and that there is no import cycle):
     evaluation                            COCO mAP, paired bootstrap
     models  data  quant                   DETR (official layout) and loading | COCO data, synthetic set, validator |
                                           Eq. (6) and other quantizers, bit maps, packing, the ILP
-    parallel                              torchrun ranks and the launcher
+    parallel                              torchrun ranks, the launcher, and worker processes for jobs side by side
     io                                    results I/O, results layout, cache keys, locks, errors, paths
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT
 from detrq.parallel import distributed
+from detrq.parallel.pool import available_cores
 from detrq.quant.codes import QUANTIZERS
 from detrq.sensitivity import ALL_METRICS, BLOCKS, ESTIMATORS, JACOBIAN_ESTIMATORS
 from detrq.sensitivity.costs import NEGATIVE_POLICIES
@@ -50,14 +52,15 @@ def ensure_embedded_data(root: Path) -> Path:
     from detrq.data.synthetic import make_dataset
 
     print(f"generating the synthetic dataset in {root} (seed {EMBEDDED['seed']}) ...", file=sys.stderr)
-    make_dataset(root, EMBEDDED["n_train"], EMBEDDED["n_val"], seed=EMBEDDED["seed"])
+    make_dataset(root, EMBEDDED["n_train"], EMBEDDED["n_val"], seed=EMBEDDED["seed"], workers=available_cores())
     return root
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
     from detrq.data.synthetic import make_dataset
 
-    summary = make_dataset(args.out, args.train, args.val, seed=args.seed, progress=not args.quiet)
+    summary = make_dataset(args.out, args.train, args.val, seed=args.seed, progress=not args.quiet,
+                           workers=available_cores())
     print(json.dumps(summary, indent=1))
 
 
@@ -166,21 +169,24 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> None:
-    from detrq.artifact.notebooks import ALL_NOTEBOOKS, NOTEBOOKS, load_parameters, parse_override, run_notebooks
+    from detrq.artifact.notebooks import (ALL_NOTEBOOKS, load_parameters, parse_override, profile_notebooks,
+                                          run_notebooks)
 
-    names = tuple(args.only) if args.only else NOTEBOOKS
+    names = tuple(args.only) if args.only else profile_notebooks(args.params, args.profile)
     unknown = [n for n in names if n not in ALL_NOTEBOOKS]
     if unknown:
         raise DetrqError(f"unknown notebook {unknown[0]!r}; choose from {', '.join(ALL_NOTEBOOKS)}")
     from detrq.io.locking import folder_lock
     from detrq.io.paths import resolve_path
 
-    params = load_parameters(args.params, dict(parse_override(o) for o in args.set), names=ALL_NOTEBOOKS)
+    params = load_parameters(args.params, dict(parse_override(o) for o in args.set), names=ALL_NOTEBOOKS,
+                             profile=args.profile)
     # The kernels write into results_dir: this process holds its lock for them.
+    start = time.perf_counter()
     with folder_lock(resolve_path(params.get("results_dir", "results")), wait=args.wait):
-        seconds = run_notebooks(params, args.out_dir or PROJECT_ROOT / "notebooks", names=names)
-    print(f"notebooks: {sum(seconds.values()):.0f} s in all; results in {params.get('results_dir')}/, figures in "
-          f"{params.get('figures_dir')}/")
+        run_notebooks(params, args.out_dir or PROJECT_ROOT / "notebooks", names=names, together=args.together)
+    print(f"notebooks: {time.perf_counter() - start:.0f} s in all; results in {params.get('results_dir')}/, figures "
+          f"in {params.get('figures_dir')}/")
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
@@ -498,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="compare runs/ with the committed results: results/reproduction.json")
     s.add_argument("--run", choices=run_names, help="the run whose step times --runtime gives")
     s.add_argument("--runtime", nargs="*", metavar="NAME=SECONDS", help="the run's measured step times")
+    s.add_argument("--profile", default="complete", help="the profile the run computed (recorded with its times; "
+                   "default: %(default)s)")
     s.set_defaults(func=cmd_report, writes=lambda a: PROJECT_ROOT / "results")
 
     s = sub.add_parser("accept", help="replace the committed results/ and figures/ with the runs/ that were compared")
@@ -508,7 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter (repeatable), e.g. --set device=cuda")
     s.add_argument("--out-dir", help="where the executed notebooks go (default: over the ones in notebooks/)")
-    s.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks, e.g. 04_figures")
+    s.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks, e.g. 04_figures (default: "
+                   "the profile's)")
+    s.add_argument("--profile", help="the parameter file's profile: its notebooks and its values (default: the one "
+                   "the file names, e.g. complete; paper: what reproducing the paper needs)")
+    s.add_argument("--together", action="store_true", help="run the notebooks at the same time, each kernel on "
+                   "threads/N torch threads (for notebooks that write different files, e.g. 05 and 07)")
     s.set_defaults(func=cmd_notebooks)
 
     s = sub.add_parser("int8", help="INT8 PTQ of a CNN detector (Faster R-CNN, or any ONNX detector with --onnx): "
@@ -579,7 +592,7 @@ def cmd_int8_onnx(args: argparse.Namespace, batch_sizes: tuple[int, ...]) -> Non
                         agreement_score_thr=args.agreement_score_thr or 0.25, latency_images=args.latency_images,
                         batch_sizes=batch_sizes, figures=here(args.figures), out=here(args.out),
                         int8_out=here(args.int8_out))
-    r = run_onnx_int8(cfg)
+    r = run_onnx_int8(cfg, progress=not args.quiet)
     mem, split = r["peak_memory_mb"], r["profile"]["int8_split"]
     ap = (f", AP {r['AP_float']:.4f} -> {r['AP_int8']:.4f}" if r["AP_float"] is not None else
           f"; {r['AP_note']}")
@@ -672,13 +685,17 @@ def _parse_runtime(items: list[str]) -> list[tuple[str, int]]:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from detrq.artifact.reproduction import REPORT_NAME, compare_runs, report_text, write_report, write_runtime
+    from detrq.artifact.reproduction import (PROFILE_RUNS, REPORT_NAME, compare_runs, report_text, write_report,
+                                             write_runtime)
 
     runs = _run_dirs()
     if args.runtime and not args.run:
         raise DetrqError("--runtime needs --run NAME: the run whose step times they are")
     if args.runtime:
-        write_runtime(runs[args.run], _parse_runtime(args.runtime))
+        write_runtime(runs[args.run], _parse_runtime(args.runtime), args.profile)
+    # A smaller profile's run is reported on its own; the full runs together.
+    runs = ({args.run: runs[args.run]} if args.run in PROFILE_RUNS
+            else {k: d for k, d in runs.items() if k not in PROFILE_RUNS})
     report = compare_runs(PROJECT_ROOT / "results", runs)
     write_report(report, [PROJECT_ROOT / "results" / REPORT_NAME]
                  + [d / REPORT_NAME for d in runs.values() if (d / "results").is_dir()])
@@ -691,21 +708,29 @@ def cmd_accept(args: argparse.Namespace) -> None:
 
     from detrq.io.layout import results_file
     from detrq.artifact.readme import update_readme
-    from detrq.artifact.reproduction import ACCEPTED_NAME, PARTS, REPORT_NAME, RUNTIME_NAME, accept_runs
+    from detrq.artifact.reproduction import (ACCEPTED_NAME, PARTS, PROFILE_RUNS, REPORT_NAME, RUNTIME_NAME,
+                                             accept_runs, accepted_report)
     from detrq.io.results import read_json
 
-    runs = _run_dirs()
+    every = _run_dirs()
+    runs = {k: d for k, d in every.items() if k in PARTS}  # a smaller profile's results are never accepted ...
     results, figures = PROJECT_ROOT / "results", PROJECT_ROOT / "figures"
     copied = accept_runs(runs, results, figures, PARTS)
     if not copied:
         raise DetrqError("nothing to accept: runs/ holds no finished run (./reproduce.sh, ./reproduce.sh int8)")
+    accepted = accepted_report(runs, results)
+    for name in PROFILE_RUNS:  # ... only its from-scratch time, when its report found every number it ran
+        run_dir = every[name]
+        report = run_dir / REPORT_NAME
+        if (run_dir / RUNTIME_NAME).is_file() and report.is_file() and not read_json(report)["counts"]["differs"]:
+            runs[name] = run_dir
     for name, run_dir in runs.items():
         runtime = run_dir / RUNTIME_NAME
         if runtime.is_file() and read_json(runtime)["from_scratch"]:
             shutil.copy2(runtime, results_file(results, f"runtime_{name}.json"))
         elif runtime.is_file():
             print(f"runtime of runs/{name} not taken: that run reused cached results")
-    shutil.copy2(results / REPORT_NAME, results / ACCEPTED_NAME)
+    shutil.copy2(accepted, results / ACCEPTED_NAME)
     print(f"accepted {len(copied)} files from runs/ into results/ and figures/; report kept as results/{ACCEPTED_NAME}")
     for page, found in update_readme(PROJECT_ROOT, results).items():
         print(f"updated {page.relative_to(PROJECT_ROOT)}: {', '.join(found) or 'no generated sections'}")

@@ -164,6 +164,8 @@ def test_paired_bootstrap() -> None:
 
     again = paired_bootstrap(coco_gt, ids, sets, pairs, n_boot=200, seed=3, progress=False)
     assert again == res
+    # Labels scored side by side in two worker processes: the same numbers, to the last bit.
+    assert paired_bootstrap(coco_gt, ids, sets, pairs, n_boot=200, seed=3, progress=False, workers=2) == res
     other = paired_bootstrap(coco_gt, ids, sets, pairs[1:2], n_boot=200, seed=4, progress=False)
     assert other["good|bad"]["delta"] == better["delta"] and other["good|bad"]["low"] != better["low"]
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detrq.data.synthetic import make_dataset
 from detrq.io.paths import PROJECT_ROOT
-from detrq.models.detr import build_detr
+from worlds import tiny_world
 
 torch.set_num_threads(1)
 
@@ -24,9 +23,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    make_dataset(root / "data", 12, 6, seed=1, progress=False)
-    torch.manual_seed(0)
-    torch.save({"model": build_detr("mini").state_dict()}, root / "mini.pth")
+    tiny_world(root, 12, 6, data_seed=1, preset="mini")
     return root
 
 

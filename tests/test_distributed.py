@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 
 from detrq.artifact.pipeline import run_evaluation, run_traces
 from detrq.data.loading import eval_dataset
-from detrq.data.synthetic import make_dataset
 from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT
 from detrq.models.criterion import build_criterion
@@ -24,6 +23,7 @@ from detrq.parallel import distributed
 from detrq.parallel.launch import Launch, failure_line
 from detrq.quant.bitmaps import uniform_bit_map
 from detrq.sensitivity import TraceSettings
+from worlds import tiny_world
 
 torch.set_num_threads(1)
 
@@ -35,9 +35,7 @@ SETTINGS = TraceSettings(num_images=6, batch_size=2, max_probes=4, min_probes=4,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranks")
-    make_dataset(root / "data", 12, 7, seed=1, progress=False)
-    torch.manual_seed(0)
-    torch.save({"model": build_detr("tiny").state_dict()}, root / "tiny.pth")
+    tiny_world(root, 12, 7, data_seed=1)
     model, sha = load_model("tiny", root / "tiny.pth")
     return root, model, sha, Launch(nproc=2, preset="tiny", checkpoint=str(root / "tiny.pth"))
 
@@ -73,16 +71,17 @@ def test_sharded_evaluation_equals_one_process(world):
     root, model, sha, launch = world
     dataset = eval_dataset(model, root / "data", "val")  # 7 images in batches of 2: ranks get 2 and 2 batches
     bit_map = uniform_bit_map(model, 4)
-    one = run_evaluation(model, sha, dataset, bit_map, root / "eval_one.json", batch_size=2, progress=False,
+    # Two folders: in one, the second evaluation would be the first's twin (same key) and not run at all.
+    one = run_evaluation(model, sha, dataset, bit_map, root / "one" / "eval_one.json", batch_size=2, progress=False,
                          label="4 uniform", keep_detections=True)
-    two = run_evaluation(model, sha, dataset, bit_map, root / "eval_two.json", batch_size=2, progress=False,
+    two = run_evaluation(model, sha, dataset, bit_map, root / "two" / "eval_two.json", batch_size=2, progress=False,
                          label="4 uniform", keep_detections=True, launch=launch)
     assert two["cache_key"] == one["cache_key"] and two["label"] == "4 uniform"
     assert two["metrics"] == one["metrics"]  # identical, per-class AP included
     assert two["protocol"]["num_images"] == 7
-    for name in ("eval_one", "eval_two"):
+    for name in ("one/eval_one", "two/eval_two"):
         assert (root / f"{name}.detections.npz").is_file()
-    one_dets, two_dets = (np.load(root / f"{n}.detections.npz") for n in ("eval_one", "eval_two"))
+    one_dets, two_dets = (np.load(root / f"{n}.detections.npz") for n in ("one/eval_one", "two/eval_two"))
     assert all(np.array_equal(one_dets[k], two_dets[k]) for k in one_dets.files)
 
 
@@ -109,11 +108,12 @@ def test_the_cli_under_torchrun_prints_once_and_names_the_failing_rank(world):
     assert ok.stdout.count("AP ") == 1  # rank 0 alone reports
     assert json.loads((root / "cli/eval.json").read_text())["protocol"]["num_images"] == 7
 
-    failed = subprocess.run([*command[:-1], "cli/failed.json"], cwd=root, capture_output=True, text=True,
+    # Another folder: beside cli/eval.json the same evaluation is its twin, copied without running the ranks.
+    failed = subprocess.run([*command[:-1], "cli_failed/failed.json"], cwd=root, capture_output=True, text=True,
                             timeout=300, env={**env, distributed.FAIL_RANK_ENV: "0"})
     assert failed.returncode != 0
     assert failure_line(failed.stderr, failed.returncode).startswith("rank 0: rank 0 failed on purpose")
-    assert not (root / "cli" / "failed.json").exists()
+    assert not (root / "cli_failed" / "failed.json").exists()
 
 
 def test_failure_line_prefers_the_rank_that_failed_first():

@@ -90,19 +90,21 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
     assert list(seconds) == list(NOTEBOOKS)
     assert sorted(p.name for p in executed.iterdir()) == [f"{n}.ipynb" for n in NOTEBOOKS]
 
-    schemes = [*METRICS, FIRST_ORDER, "out-quant-ggn", "loss-fisher", "out-quant-fisher"]
+    stochastic = [*METRICS, FIRST_ORDER, "out-quant-ggn"]  # the schemes with probes get a second probe seed
+    schemes = [*stochastic, "modelopt", "loss-fisher", "out-quant-fisher"]
     expected = {"table1.json", "table1.csv", "table1.md", "claims.json", "stability.json", "curvature_check.json",
                 "table1_bootstrap.json", "measured_costs.json", "measured_costs_8bit.json", "seed_stability.json",
                 "sensitivity_check.json", "traces_out-first-order-rows.json", "measured_ap_drops.json"}
-    expected |= {f"traces_{m}{r}.json" for m in schemes for r in ("", "_seed1")}
-    expected |= {f"bitmap_{m}_{t}bit{r}.json" for m in schemes for t in MIXED_TARGETS for r in ("", "_seed1")}
+    expected |= {f"traces_{m}.json" for m in schemes} | {f"traces_{m}_seed1.json" for m in stochastic}
+    expected |= {f"bitmap_{m}_{t}bit.json" for m in schemes for t in MIXED_TARGETS}
+    expected |= {f"bitmap_{m}_{t}bit_seed1.json" for m in stochastic for t in MIXED_TARGETS}
     expected |= {f"bitmap_measured_{t}bit.json" for t in MIXED_TARGETS}
-    rows = table_rows([FIRST_ORDER, "out-quant-ggn", "loss-fisher", "out-quant-fisher", "measured"])
+    rows = table_rows([FIRST_ORDER, "modelopt", "out-quant-ggn", "loss-fisher", "out-quant-fisher", "measured"])
     expected |= {f"eval_{p}_{s}{ext}" for p, s in rows for ext in (".json", ".detections.npz")}
-    expected |= {f"eval_{t}_{m}_seed1.json" for m in schemes for t in MIXED_TARGETS}
-    # Notebook 07: the sweep's folder, its summary, Table 2 and Measured Sen per quantizer.
+    expected |= {f"eval_{t}_{m}_seed1.json" for m in stochastic for t in MIXED_TARGETS}
+    # Notebook 07: the sweep's folder, its summary, Table 2, Measured Sen and ModelOpt's score per quantizer.
     expected |= {"pareto.json", "table2.json", "table2.csv", "table2.md", "measured_costs_per-channel.json",
-                 "measured_costs_gptq.json"}
+                 "measured_costs_gptq.json", "traces_modelopt_per-channel.json", "traces_modelopt_gptq.json"}
     found = {str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()}
     outside_sweep = {f for f in found if not f.startswith("pareto/")} | {"pareto/pareto.json"}
     assert outside_sweep == {results_name(n) for n in expected}
@@ -118,8 +120,10 @@ def test_full_run_path_on_r50_and_coco_layout(tmp_path):
 
     table = json.loads(results_file(results, "table1.json").read_text())
     assert [(r["precision"], r["scheme"]) for r in table["rows"]] == rows
-    assert all(r["delta_ci"] is not None and r["delta_seed_range"] is not None for r in table["rows"]
-               if r["scheme"] in schemes and r["precision"] != "8")
+    mixed_rows = [r for r in table["rows"] if r["scheme"] in schemes and r["precision"] != "8"]
+    assert all(r["delta_ci"] is not None for r in mixed_rows)
+    # A seed range needs a second probe seed; the deterministic schemes have none, so theirs stays empty.
+    assert all((r["delta_seed_range"] is not None) == (r["scheme"] in stochastic) for r in mixed_rows)
     assert table["protocol"]["transform"]["min_size"] == 64 and table["protocol"]["num_images"] == 2
     assert table["protocol"]["hessian"]["num_images"] == 2 and table["protocol"]["hessian"]["split"] == "train2017"
     traces = json.loads(results_file(results, "traces_out-quant.json").read_text())

@@ -2,6 +2,9 @@
 hand-made model pairs, ONNX round trip, detection agreement, and the errors for unsupported input. CPU, 1 thread."""
 
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from detrq.int8.onnx_export import to_ort
 from detrq.int8.plan import fold_frozen_batchnorm, quantization_plan
 from detrq.int8.quantize import quantize_int8
 from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
 
 torch.set_num_threads(1)
 
@@ -216,3 +220,18 @@ def test_onnx_report_finds_every_quantized_part_of_a_detector():
     report = onnx_report(model, q, calib(1, 64), repeats=5)
     assert {"backbone", "rpn.head.level", "roi_heads.box_head", "roi_heads.box_predictor"} <= set(report)
     assert all(r["onnx_bytes"]["int8_qdq"] < r["onnx_bytes"]["float"] for r in report.values())
+
+
+@pytest.mark.skipif(not (PROJECT_ROOT / "data/synthetic/annotations/instances_val.json").is_file(),
+                    reason="needs the synthetic set (./reproduce.sh generates it)")
+def test_an_int8_run_says_each_phase_as_it_starts(tmp_path):
+    cmd = [sys.executable, "-m", "detrq", "int8", "--calib-images", "4", "--eval-images", "4", "--latency-images", "1",
+           "--batch-sizes", "1", "--out", str(tmp_path / "int8.json")]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    phases = re.findall(r"^int8 narrow fx: (\S+) .*\[(\d+) s\]$", proc.stderr, re.M)
+    assert [p for p, _ in phases] == ["calibrating", "AP,", "paired", "peak", "peak", "done:"]
+    assert [int(t) for _, t in phases] == sorted(int(t) for _, t in phases)
+    again = subprocess.run([*cmd, "--quiet"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "int8 narrow fx:" not in again.stderr  # --quiet: no phase lines
+

@@ -4,6 +4,7 @@ with random weights and recalibrated BN and exported inside the tests; the decod
 deterministic export and quantization; and every kind of bad input as one line that keeps earlier results.
 Tiny images and few images throughout (CPU, 1 thread)."""
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 from detrq.cli import main
 from detrq.data.synthetic import make_dataset
 from detrq.evaluation.evaluate import coco_metrics
+from detrq.int8 import onnx_workflow
 from detrq.int8.calibration import Placement, Preprocess, coco_images, load_batch, prepare
 from detrq.int8.detect import coco_detections
 from detrq.int8.onnx_quantize import decoding_tail, quantize_onnx
@@ -100,6 +102,71 @@ def test_the_cli_runs_an_onnx_model_and_prints_one_summary_line(yolo, data, tmp_
 def test_a_second_run_with_the_same_inputs_reuses_the_results(yolo_run):
     cfg, r = yolo_run
     assert run_onnx_int8(cfg) == json.loads(open(cfg.out).read())
+
+
+class Recomputed(Exception):
+    pass
+
+
+def _recompute(*args, **kwargs):
+    raise Recomputed
+
+
+def test_cached_results_without_the_onnx_files_are_reused_unless_the_model_is_required(yolo_run, tmp_path,
+                                                                                       monkeypatch):
+    """A fresh clone has the committed results file and figures but not the gitignored .onnx files: the notebook
+    (require_model=False) reuses them; the CLI (the default) recomputes, since its user wants the int8 file."""
+    cfg, _ = yolo_run
+    out = tmp_path / "r.json"
+    out.write_text(Path(cfg.out).read_text())
+    clone = dataclasses.replace(cfg, out=str(out), int8_out=str(tmp_path / "absent_int8.onnx"))
+    monkeypatch.setattr(onnx_workflow, "image_sets", _recompute)  # the first step after the cache check
+    assert run_onnx_int8(clone, require_model=False) == json.loads(out.read_text())
+    assert not (tmp_path / "absent_int8.onnx").exists()
+    with pytest.raises(Recomputed):
+        run_onnx_int8(clone)
+    with pytest.raises(Recomputed):  # the figures are still required where asked for
+        run_onnx_int8(dataclasses.replace(clone, figures=str(tmp_path / "no_figures")), require_model=False)
+    # no float model either: the model is the one the results file records
+    bare = dataclasses.replace(clone, onnx=str(tmp_path / "yolo.onnx"))
+    assert run_onnx_int8(bare, require_model=False) == json.loads(out.read_text())
+    with pytest.raises(DetrqError, match="ONNX file not found"):
+        run_onnx_int8(bare)
+    with pytest.raises(Recomputed):  # other settings: no hit
+        run_onnx_int8(dataclasses.replace(clone, calib_images=3), require_model=False)
+
+
+def test_notebook_stock_run_exports_only_on_a_miss(yolo, yolo_run, tmp_path, monkeypatch):
+    import shutil
+
+    from detrq.int8 import onnx_stock
+
+    cfg, _ = yolo_run
+    out = tmp_path / "r.json"
+    out.write_text(Path(cfg.out).read_text())
+    exported = []
+
+    def export(name, path, data):
+        exported.append(name)
+        shutil.copy(yolo, path)
+        return path
+
+    monkeypatch.setattr(onnx_stock, "export_stock", export)
+    monkeypatch.setattr(onnx_workflow, "image_sets", _recompute)
+    bare = dataclasses.replace(cfg, onnx=str(tmp_path / "yolov8n.onnx"), out=str(out),
+                               int8_out=str(tmp_path / "yolov8n_int8.onnx"))
+    assert onnx_workflow.run_stock_onnx_int8("yolov8n", bare) == json.loads(out.read_text()) and not exported
+    with pytest.raises(Recomputed):
+        onnx_workflow.run_stock_onnx_int8("yolov8n", dataclasses.replace(bare, calib_images=3))
+    assert exported == ["yolov8n"] and (tmp_path / "yolov8n.onnx").is_file()
+
+
+def test_notebook_onnx_models_stay_out_of_the_committed_results(tmp_path):
+    from detrq.io.paths import PROJECT_ROOT
+
+    assert onnx_workflow.stock_onnx_dir("runs/int8/results") == PROJECT_ROOT.resolve() / "runs/int8/onnx_models"
+    assert onnx_workflow.stock_onnx_dir("results") == PROJECT_ROOT / "runs/onnx_models"
+    assert onnx_workflow.stock_onnx_dir(tmp_path / "results") == tmp_path.resolve() / "onnx_models"
 
 
 def test_export_and_quantization_are_deterministic(yolo, data, tmp_path):

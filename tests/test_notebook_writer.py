@@ -12,7 +12,8 @@ import nbformat
 import pytest
 
 from detrq.artifact.notebooks import (ALL_NOTEBOOKS, INJECTED_TAG, KERNELSPEC, NOTEBOOK_DIR, PARAMETERS_TAG,
-                                      fold_parameters, run_notebooks)
+                                      fold_parameters, load_parameters, profile_notebooks, run_notebooks)
+from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT
 
 
@@ -102,3 +103,50 @@ def test_papermill_sees_every_parameter_of_the_parameters_cell(name):
     cell = next(c for c in _committed(name).cells if PARAMETERS_TAG in c.metadata.get("tags", []))
     assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
     assert list(papermill.inspect_notebook(str(path))) == assigned
+
+
+def test_a_headless_run_shows_each_cell_and_the_kernels_progress_but_no_transport_warning(tmp_path, capfd):
+    src = tmp_path / "src"
+    src.mkdir()
+    _tiny_notebook(src / "tiny.ipynb")
+    said = []
+    run_notebooks({"x": 1}, tmp_path / "out", names=("tiny",), notebook_dir=src, log=said.append)
+    assert said[0] == "== notebook tiny"
+    assert [line.split("]")[0].split(",")[0] for line in said[1:3]] == ["   [tiny cell 1/2", "   [tiny cell 2/2"]
+    assert said[1].endswith("] tiny")  # the heading above the cell
+    err = capfd.readouterr().err
+    assert "/home/me/warning" in err  # the kernel's stderr (progress bars) reaches the console
+    assert "without encryption" not in err and "[IPKernelApp]" not in err
+
+
+def test_profiles_choose_the_notebooks_and_override_values():
+    paper = load_parameters("params/default.yaml", names=ALL_NOTEBOOKS, profile="paper")
+    complete = load_parameters("params/default.yaml", names=ALL_NOTEBOOKS)
+    assert set(paper["estimators"]) == {"loss", "out-float", "out-quant"} and paper["stability_seeds"] == 1
+    assert "modelopt" in complete["estimators"] and complete["stability_seeds"] == 3
+    assert {k: v for k, v in paper.items() if k not in ("estimators", "extra_variants", "probes", "stability_seeds",
+                                                        "measured_sen")} == \
+           {k: v for k, v in complete.items() if k not in ("estimators", "extra_variants", "probes", "stability_seeds",
+                                                           "measured_sen")}
+    assert profile_notebooks("params/default.yaml", "paper") == ("01_hessian_traces", "02_bit_allocation",
+                                                                 "03_table1", "04_figures")
+    assert profile_notebooks("params/default.yaml") == profile_notebooks("params/default.yaml", "complete")
+    assert profile_notebooks("params/full.yaml", "paper") == profile_notebooks("params/default.yaml", "paper")
+    with pytest.raises(DetrqError, match="no profile 'fast'"):
+        profile_notebooks("params/default.yaml", "fast")
+
+
+def test_notebooks_run_together_give_what_each_gives_alone(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _tiny_notebook(src / "one.ipynb")
+    _tiny_notebook(src / "two.ipynb")
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    for name in ("one", "two"):
+        run_notebooks({"x": 3, "threads": 2}, alone, names=(name,), notebook_dir=src, log=lambda _: None)
+    said = []
+    seconds = run_notebooks({"x": 3, "threads": 2}, together, names=("one", "two"), notebook_dir=src,
+                            log=said.append, together=True)
+    assert set(seconds) == {"one", "two"} and {"== notebook one", "== notebook two"} <= set(said)
+    for name in ("one", "two"):
+        assert (together / f"{name}.ipynb").read_bytes() == (alone / f"{name}.ipynb").read_bytes()

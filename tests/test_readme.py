@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from detrq.artifact.claim_commands import FIGURES, STEPS, claim_commands_markdown, figure_entry
+from detrq.artifact.notebooks import INT8_NOTEBOOK, profile_steps, step_name
 from detrq.artifact.readme import SECTIONS, doc_files, update_readme
 from detrq.artifact.table1 import PAPER_TABLE1, table1_compact_markdown
 from detrq.io.errors import DetrqError
@@ -173,10 +174,18 @@ def test_committed_pages_are_up_to_date_with_results(tmp_path):
 
 def test_the_claims_table_follows_reproduce_sh_the_runtimes_and_the_figures():
     script = (PROJECT_ROOT / "reproduce.sh").read_text()
+    notebook_steps = {step_name(s): s for s in profile_steps("params/default.yaml", "complete")}
     for step in STEPS:
-        assert f'step "{step.name}"' in script, f"{step.name!r} is no step of reproduce.sh"
         only = step.command.partition("--only ")[2]
-        assert not only or only in script or only == re.search(r'PAPER_NOTEBOOKS="([^"]+)"', script).group(1)
+        if step.run == "default" and only:  # reproduce.sh's notebook_steps: one step per step of the profile
+            assert 'timed "$name"' in script and "--profile complete" in step.command
+            names = notebook_steps.pop(step.name)
+            assert only == " ".join(names) + (" --together" if len(names) > 1 else "")
+        else:
+            assert f'step "{step.name}"' in script, f"{step.name!r} is no step of reproduce.sh"
+            assert not only or only in script
+    assert not notebook_steps, f"steps of the complete profile missing from STEPS: {list(notebook_steps)}"
+    assert INT8_NOTEBOOK in script
     for run in ("default", "int8"):
         runtime = PROJECT_ROOT / "results" / f"runtime_{run}.json"
         declared = {s.name for s in STEPS if s.run == run}
@@ -193,5 +202,5 @@ def test_the_claims_table_says_not_measured_without_runtimes(tmp_path):
     _write(tmp_path / "tables" / "claims.json", {"claims": [
         {"claim": "A beats B", "verdict": "holds", "holds": True, "evidence": "-", "beyond_paper": False}]})
     text = claim_commands_markdown(tmp_path)
-    assert "| A beats B | holds | 01, 02 → 03, `results/tables/claims.json` | 2 | not measured |" in text
+    assert "| A beats B | holds | 01, 02 → 03, `results/tables/claims.json` | 4 | not measured |" in text
     assert "none accepted yet" in text

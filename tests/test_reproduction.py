@@ -186,8 +186,57 @@ def test_accept_replaces_only_what_each_run_owns_and_needs_a_report(tmp_path):
     assert not (results / "stale_default.json").exists()  # a file the run no longer makes goes
 
 
+def test_the_accepted_report_is_the_accepted_runs_not_a_later_profiles(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    complete = _run(tmp_path, "default")
+    _write(complete / rp.REPORT_NAME, {"of": "complete"})
+    int8 = tmp_path / "runs" / "int8"
+    int8.mkdir(parents=True)
+    time.sleep(0.01)
+    _write(results / rp.REPORT_NAME, {"of": "paper"})  # ./reproduce.sh --profile paper, run after the complete run
+    assert rp.accepted_report({"default": complete, "int8": int8}, results) == complete / rp.REPORT_NAME
+    time.sleep(0.01)
+    _write(int8 / rp.REPORT_NAME, {"of": "int8"})
+    assert rp.accepted_report({"default": complete, "int8": int8}, results) == int8 / rp.REPORT_NAME
+    assert rp.accepted_report({"int8": tmp_path / "nowhere"}, results) == results / rp.REPORT_NAME
+
+
 def test_runtime_records_the_cpu_and_whether_it_was_from_scratch(tmp_path):
     run = _run(tmp_path, "default")
     runtime = rp.write_runtime(run, [("notebooks 01-04", 1200), ("curve", 25)])
     assert runtime["total_seconds"] == 1225 and runtime["from_scratch"] and runtime["cpu"]
     assert json.loads((run / rp.RUNTIME_NAME).read_text()) == runtime
+
+
+def test_a_smaller_profile_marks_what_it_did_not_compute_not_run(tmp_path):
+    committed = _results(tmp_path / "results")
+    _write(results_file(committed, "table1.json"), {"rows": [
+        {"precision": "4", "scheme": "loss", "AP": 48.5, "avg_bits": 4.0},
+        {"precision": "4", "scheme": "measured", "AP": 49.0, "avg_bits": 4.0}]})
+    _write(results_file(committed, "bitmap_measured_4bit.json"), {"bit_map": {"a": 4, "b": 6}})
+    paper = _run(tmp_path, "paper")
+    for name in ("quant_curve.json", "sensitivity_check.json", "int8_frcnn_narrow_fx.json"):
+        results_file(paper / "results", name).unlink()
+    _write(results_file(paper / "results", "table1.json"),
+           {"rows": [{"precision": "4", "scheme": "loss", "AP": 48.5, "avg_bits": 4.0}]})
+    report = rp.compare_runs(committed, {"paper": paper})
+    v = _verdicts(report)
+    assert v["Table 1 4 loss AP"] == "identical" and v["bit map loss_4bit"] == "identical"
+    assert v["Table 1 4 measured AP"] == "not run" and v["bit map measured_4bit"] == "not run"
+    assert v["uniform curve W4 AP"] == "not run" and v["notebook 05 rho loss (4 bits)"] == "not run"
+    assert report["counts"]["differs"] == 0 and report["verdict"] == "reproduced (part of the artifact not run)"
+    # The same files missing from a complete run are differences.
+    full = tmp_path / "runs" / "default"
+    (paper).rename(full)
+    v = _verdicts(rp.compare_runs(committed, {"default": full}))
+    assert v["Table 1 4 measured AP"] == "differs" and v["bit map measured_4bit"] == "differs"
+    assert v["quant_curve.json"] == "differs"
+
+
+def test_modelopt_traces_are_compared_per_bit_width():
+    old = {"a": {"4": {"trace": 2.0, "stderr": 0.1}, "8": {"trace": 1.0, "stderr": 0.1}}}
+    new = {"a": {"4": {"trace": 2.0, "stderr": 0.1}, "8": {"trace": 1.5, "stderr": 0.1}}}
+    worst, n, equal = rp.trace_difference(old, new)
+    assert n == 2 and not equal and worst == pytest.approx(0.5)
+    assert rp.trace_difference(old, old)[2]

@@ -10,6 +10,12 @@ from detrq.sensitivity.check import choose_policy, eq5_decomposition, rho_lookup
 from detrq.sensitivity.convergence import bitmap_agreement, objective_spread, seed_stability
 
 
+def test_only_probed_schemes_are_stochastic():
+    schemes = schemes_from_params({"loss": "blockwise", "out-float": "ggn", "modelopt": "fisher"}, ["loss:fisher"])
+    assert {s.name: s.stochastic for s in schemes} == {"loss": True, "out-float": True, "modelopt": False,
+                                                       "loss-fisher": False}
+
+
 def test_schemes_names_labels_and_refusals():
     schemes = schemes_from_params({"out-quant": "blockwise", "loss": "hutchinson", "out-first-order": "ggn"},
                                   ["out-quant:ggn"])
@@ -46,8 +52,15 @@ def test_bitmap_agreement_is_weighted_by_elements_and_stability_needs_both_condi
     assert check["schemes"]["s"]["5"]["min_agreement"] == pytest.approx(0.99) and check["stable"]["s"]
     runs[1]["s"][5]["objective"] = 1.1
     assert not seed_stability(runs, numel)["stable"]["s"]
-    with pytest.raises(DetrqError, match="at least 2"):
-        seed_stability(runs[:1], numel)
+    # A scheme absent from the replicas (deterministic: no probes) is listed, not compared; one seed compares none.
+    runs[0]["fisher"] = {5: allocation([4, 5, 6], 2.0)}
+    check = seed_stability(runs, numel)
+    assert list(check["schemes"]) == ["s"] and check["unchecked"] == ["fisher"]
+    assert check["sources"] == ["s", "fisher"] and check["targets"] == ["5"]
+    one = seed_stability(runs[:1], numel)
+    assert one["schemes"] == {} and one["unchecked"] == ["s", "fisher"] and one["seeds"] == 1
+    with pytest.raises(DetrqError, match="at least one scheme"):
+        seed_stability([{}], numel)
     with pytest.raises(DetrqError, match="different layers"):
         bitmap_agreement({"a": 4}, {"b": 4}, numel)
 

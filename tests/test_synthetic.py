@@ -41,6 +41,21 @@ def test_same_seed_same_bytes_other_seed_differs(tiny: tuple[Path, dict], tmp_pa
     assert all(first[k] != other[k] for k in first)
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
+    # 230 images: three chunks of the work, shared by two processes in an order that depends on timing.
+    one = make_dataset(tmp_path / "one", 230, 6, seed=3, progress=False)
+    two = make_dataset(tmp_path / "two", 230, 6, seed=3, progress=False, workers=2)
+    assert one == {**two, "out": one["out"]}
+    for split, n in (("train", 230), ("val", 6)):
+        names = sorted(p.name for p in (tmp_path / "one" / split).iterdir())
+        assert len(names) == n and names == sorted(p.name for p in (tmp_path / "two" / split).iterdir())
+        assert all(sha256_file(tmp_path / "one" / split / f) == sha256_file(tmp_path / "two" / split / f)
+                   for f in names)
+    for split in ("train", "val"):
+        name = f"annotations/instances_{split}.json"
+        assert sha256_file(tmp_path / "one" / name) == sha256_file(tmp_path / "two" / name)
+
+
 def test_valid_coco(tiny: tuple[Path, dict]) -> None:
     root, summary = tiny
     for split, n in (("train", 12), ("val", 6)):

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detrq.artifact.notebooks import profile_steps, step_name
 from detrq.io.layout import kind_dir, results_file, results_name
+from detrq.io.paths import PROJECT_ROOT
 from detrq.io.results import read_json
 
 PYTHON = ".venv/bin/python"
@@ -31,39 +33,50 @@ class Step:
     command: str
 
 
-def _notebooks(run: str, params: str, names: str) -> str:
-    # reproduce.sh's in_run(): the run directory takes the notebooks' results, figures and executed copies
-    return (f"{PYTHON} -m detrq notebooks --params params/{params}.yaml --set results_dir=runs/{run}/results "
-            f"--set figures_dir=runs/{run}/figures --out-dir runs/{run}/notebooks --only {names}")
+def _notebooks(run: str, params: str, names: tuple[str, ...]) -> str:
+    # reproduce.sh's notebook_steps() and in_run(): one step per step of the profile; the run directory takes the
+    # notebooks' results, figures and executed copies
+    profile = " --profile complete" if params == "default" else ""
+    together = " --together" if len(names) > 1 else ""
+    return (f"{PYTHON} -m detrq notebooks --params params/{params}.yaml{profile} --set results_dir=runs/{run}/results "
+            f"--set figures_dir=runs/{run}/figures --out-dir runs/{run}/notebooks --only {' '.join(names)}{together}")
+
+
+# The notebook steps of ./reproduce.sh: the complete profile of params/default.yaml, as reproduce.sh reads it.
+NOTEBOOK_STEPS: tuple[tuple[str, ...], ...] = profile_steps(PROJECT_ROOT / "params" / "default.yaml", "complete")
+
+
+def step_of(notebook: str) -> str:
+    """The name of the reproduce.sh step that runs ``notebook``."""
+    return next(step_name(s) for s in NOTEBOOK_STEPS if notebook in s)
 
 
 DATA = "synthetic data (generated if missing)"
-PAPER = "notebooks 01-04"
-CHECK = "notebook 05 (sensitivity check)"
-PARETO = "notebook 07 (Pareto fronts, quantizers, Table 2)"
+ALLOCATION, TABLE1, FIGURES12 = (step_of(n) for n in ("02_bit_allocation", "03_table1", "04_figures"))
+CHECK = step_of("05_sensitivity_check")
+PARETO = step_of("07_pareto")
 CURVE = "uniform quantization curve (float, W8..W3)"
 INT8 = "notebook 06 (INT8 Faster R-CNN)"
 STEPS: tuple[Step, ...] = (
     Step("default", DATA, f"{PYTHON} -m detrq make-data"),
-    Step("default", PAPER, _notebooks("default", "default",
-                                      "01_hessian_traces 02_bit_allocation 03_table1 04_figures")),
-    Step("default", CHECK, _notebooks("default", "default", "05_sensitivity_check")),
-    Step("default", PARETO, _notebooks("default", "default", "07_pareto")),
+    *(Step("default", step_name(s), _notebooks("default", "default", s)) for s in NOTEBOOK_STEPS),
     Step("default", CURVE, f"{PYTHON} -m detrq curve --quiet --results-dir runs/default/results"),
     Step("int8", DATA, f"{PYTHON} -m detrq make-data"),
-    Step("int8", INT8, _notebooks("int8", "int8", "06_int8_faster_rcnn")),
+    Step("int8", INT8, _notebooks("int8", "int8", ("06_int8_faster_rcnn",))),
 )
-RUN_COMMANDS = {"default": "./reproduce.sh", "int8": "./reproduce.sh int8"}
+RUN_COMMANDS = {"default": "./reproduce.sh", "paper": "./reproduce.sh --profile paper", "int8": "./reproduce.sh int8"}
 
 # figure files (glob patterns over figures/*.png, first match wins) -> what they show, the notebook, the step
 FIGURES: tuple[tuple[str, str, str, str], ...] = (
-    ("fig1_hessian_traces", "Figure 1: log Hessian trace per layer, three metrics", "01 → 04", PAPER),
-    ("fig2_bit_allocation", "Figure 2: per-layer bits at the 5-bit average", "02 → 04", PAPER),
+    ("fig1_hessian_traces", "Figure 1: log Hessian trace per layer, three metrics", "01 → 04", FIGURES12),
+    ("fig2_bit_allocation", "Figure 2: per-layer bits at the 5-bit average", "02 → 04", FIGURES12),
     ("sensitivity_check", "predicted vs measured per-layer costs (beyond the paper)", "05", CHECK),
     ("eq5_decomposition", "the measured Eq. (5) rise split into its KL and L1 parts (beyond the paper)", "05", CHECK),
     ("fig3_pareto", "Figure 3: AP against average bits and MB, three quantizers (beyond the paper)", "07", PARETO),
     ("fig4_per_class", "Figure 4: per-class AP loss at 4 bits (beyond the paper)", "07", PARETO),
     ("int8_fasterrcnn_resnet50_fpn_*", "INT8 R50-FPN: float vs int8 activations, hexbin, per-layer SQNR", "06", INT8),
+    ("int8_*_onnx_*", "INT8 ONNX detectors (YOLOv8n, RetinaNet, SSDlite): float vs int8 activations, hexbin, SQNR",
+     "06", INT8),
     ("int8_*", "INT8 narrow Faster R-CNN (the other int8_ figures): float vs int8 activations, hexbin, SQNR", "06",
      INT8),
 )
@@ -99,14 +112,14 @@ def claim_rows(results_dir: str | Path) -> list[dict[str, str]]:
 
     if read("table1.json") is not None:
         add("Table 1: every row, Δ vs uniform with its 95% interval", "-", f"01, 02 → 03, {file('table1.json')}",
-            PAPER)
+            TABLE1)
     for c in (read("claims.json") or {"claims": []})["claims"]:
-        add(c["claim"], c["verdict"], f"{_claim_source(c['claim'])}, {file('claims.json')}", PAPER)
+        add(c["claim"], c["verdict"], f"{_claim_source(c['claim'])}, {file('claims.json')}", TABLE1)
     stability = read("seed_stability.json")
-    if stability is not None:
+    if stability is not None and stability["stable"]:
         stable = [s for s, ok in stability["stable"].items() if ok]
         add("Bit maps stable across the probe seeds, per scheme", f"{len(stable)} of {len(stability['stable'])} "
-            "stable", f"02, {file('seed_stability.json')}", PAPER)
+            "stable", f"02, {file('seed_stability.json')}", ALLOCATION)
     check = read("sensitivity_check.json")
     for t in (check or {"targets": []})["targets"]:
         add(f"Sensitivity check: {t['target']}", "met" if t["met"] else "missed",

@@ -31,6 +31,7 @@ from detrq.io.paths import PROJECT_ROOT, resolve_path
 from detrq.io.results import atomic_output
 from detrq.quant.bitmaps import OTHER_REGION, REGIONS, layer_region
 from detrq.sensitivity import FIRST_ORDER, rel_stderr
+from detrq.sensitivity.modelopt import MODELOPT
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS: tuple[str, ...] = ("01_hessian_traces", "02_bit_allocation", "03_table1", "04_figures",
@@ -42,6 +43,9 @@ INJECTED_TAG = "injected-parameters"  # the cell papermill adds after it, folded
 # What JupyterLab writes into a notebook when it starts the venv's "python3" kernel (ipykernel's own kernelspec):
 # a committed notebook that carries anything else is modified the moment it is opened.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+# A parameter file's run profiles: ``profiles: {name: {notebooks: [...], key: value, ...}}`` overrides the values
+# above them for ``--profile name``; ``profile`` names the file's default one.
+PROFILES_KEY, PROFILE_KEY, NOTEBOOKS_KEY = "profiles", "profile", "notebooks"
 # Parameters that name input files: they must be given (full.yaml leaves them null) and exist.
 REQUIRED_PATHS: tuple[str, ...] = ("checkpoint", "coco_root")
 
@@ -67,14 +71,8 @@ def declared_parameters(names: tuple[str, ...] = NOTEBOOKS, notebook_dir: Path =
     return {n: set(papermill.inspect_notebook(str(notebook_dir / f"{n}.ipynb"))) for n in names}
 
 
-def load_parameters(params_file: str | Path, overrides: dict[str, Any] | None = None,
-                    names: tuple[str, ...] = NOTEBOOKS, notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, Any]:
-    """The parameter set of a run: ``params_file`` (YAML mapping) updated by ``overrides``, checked.
-
-    Every key must be a parameter of at least one notebook, and the input paths (``REQUIRED_PATHS``) must be
-    set and exist (relative paths are relative to the repository root).
-    """
-    path = resolve_path(params_file)
+def _read_params(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str | None]:
+    """A parameter file: ``(values, {profile: its overrides}, the file's default profile)``."""
     if not path.is_file():
         raise DetrqError(f"parameter file not found: {path}")
     try:
@@ -83,7 +81,57 @@ def load_parameters(params_file: str | Path, overrides: dict[str, Any] | None = 
         raise DetrqError(f"cannot parse {path} as YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(params, dict):
         raise DetrqError(f"{path} must be a YAML mapping of notebook parameters")
-    params = {**params, **(overrides or {})}
+    profiles = params.pop(PROFILES_KEY, None) or {}
+    default = params.pop(PROFILE_KEY, None)
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise DetrqError(f"{path.name}: '{PROFILES_KEY}' must map each profile name to its overrides")
+    return params, profiles, default
+
+
+def profile_steps(params_file: str | Path, profile: str | None = None) -> tuple[tuple[str, ...], ...]:
+    """The steps of ``profile`` (default: the file's own ``profile``), in order: each the notebooks that run
+    together (``run_notebooks(together=True)``; a nested list in the profile's ``notebooks``), mostly one; one step
+    per notebook of ``NOTEBOOKS`` for a file without profiles."""
+    path = resolve_path(params_file)
+    _, profiles, default = _read_params(path)
+    name = profile or default
+    if name is None:
+        return tuple((n,) for n in NOTEBOOKS)
+    if name not in profiles:
+        raise DetrqError(f"{path.name} has no profile {name!r}; its profiles: {', '.join(profiles) or 'none'}")
+    steps = tuple(tuple(e) if isinstance(e, list) else (e,) for e in profiles[name].get(NOTEBOOKS_KEY, NOTEBOOKS))
+    unknown = [n for step in steps for n in step if n not in ALL_NOTEBOOKS]
+    if unknown:
+        raise DetrqError(f"profile {name!r} of {path.name} names an unknown notebook {unknown[0]!r}")
+    return steps
+
+
+def profile_notebooks(params_file: str | Path, profile: str | None = None) -> tuple[str, ...]:
+    """The notebooks that ``profile`` runs, in order (``profile_steps`` flattened)."""
+    return tuple(n for step in profile_steps(params_file, profile) for n in step)
+
+
+def step_name(step: tuple[str, ...]) -> str:
+    """The name of a run step (``profile_steps``) in reproduce.sh's output and the runtime files."""
+    return f"notebook {step[0]}" if len(step) == 1 else f"notebooks {' + '.join(step)} (together)"
+
+
+def load_parameters(params_file: str | Path, overrides: dict[str, Any] | None = None,
+                    names: tuple[str, ...] = NOTEBOOKS, notebook_dir: Path = NOTEBOOK_DIR,
+                    profile: str | None = None) -> dict[str, Any]:
+    """The parameter set of a run: ``params_file`` (YAML mapping), then its ``profile``'s overrides (default: the
+    profile the file names; see ``profile_notebooks`` for the notebooks a profile runs), then ``overrides``, checked.
+
+    Every key must be a parameter of at least one notebook, and the input paths (``REQUIRED_PATHS``) must be
+    set and exist (relative paths are relative to the repository root).
+    """
+    path = resolve_path(params_file)
+    params, profiles, default = _read_params(path)
+    name = profile or default
+    if name is not None and name not in profiles:
+        raise DetrqError(f"{path.name} has no profile {name!r}; its profiles: {', '.join(profiles) or 'none'}")
+    chosen = {k: v for k, v in profiles.get(name, {}).items() if k != NOTEBOOKS_KEY} if name else {}
+    params = {**params, **chosen, **(overrides or {})}
     known = set().union(*declared_parameters(names, notebook_dir).values())
     unknown = sorted(set(params) - known)
     if unknown:
@@ -170,38 +218,122 @@ def clean_notebook(path: str | Path) -> None:
         nbformat.write(nb, str(tmp))
 
 
+def ipc_kernel_manager(folder: Path) -> type:
+    """A kernel manager class whose kernels listen on Unix sockets in ``folder``: a headless run needs no TCP
+    port, and ipykernel then has no unencrypted TCP transport to warn about on the console. Elsewhere (Windows)
+    the default manager."""
+    from jupyter_client import KernelManager
+
+    if os.name == "nt":
+        return KernelManager
+
+    class IpcKernelManager(KernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(transport="ipc", ip=str(folder / "kernel"), **kwargs)
+
+    return IpcKernelManager
+
+
+class KernelProgress:
+    """The kernel's stderr as the console shows it during a headless run: its progress bars and warnings, less
+    the kernel's own log lines ("[IPKernelApp] ..."), which report its shutdown and no work."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        kept = "".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith("[IPKernelApp]"))
+        if kept:
+            self.stream.write(kept)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _cell_titles(path: Path) -> list[str]:
+    """For each code cell, what it does as a reader sees it: the first line of the markdown cell before it."""
+    import nbformat
+
+    titles, last = [], ""
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if cell.cell_type == "markdown":
+            last = next((ln.lstrip("# ").strip() for ln in cell.source.splitlines() if ln.strip()), "")
+        elif cell.cell_type == "code":
+            titles.append(last if len(last) <= 90 else last[:87] + "...")
+    return titles
+
+
 def run_notebooks(params: dict[str, Any], out_dir: str | Path = NOTEBOOK_DIR, *, names: tuple[str, ...] = NOTEBOOKS,
-                  notebook_dir: Path = NOTEBOOK_DIR, log: Callable[[str], None] = print) -> dict[str, float]:
+                  notebook_dir: Path = NOTEBOOK_DIR, log: Callable[[str], None] = print,
+                  progress: bool = True, together: bool = False) -> dict[str, float]:
     """Execute ``names`` in order with ``params`` (each gets the parameters it declares); seconds per notebook.
 
-    The executed copy replaces ``out_dir/<name>.ipynb`` only when the notebook ran through; a failing one is
-    left in ``out_dir/.failed/`` (hidden, so that nbval does not collect it) and raises ``DetrqError`` naming
-    it. The kernel starts in the repository root; the notebooks resolve relative paths against it anyway.
+    With ``together`` they run at the same time instead, each kernel on ``threads // len(names)`` torch threads
+    (at least one), for notebooks that read each other's results only through files written before them and write
+    different ones (notebooks 05 and 07): on two cores an evaluation of the small DETR runs as fast on one thread as
+    on two, so two kernels do twice the work. With ``progress`` the console shows each code cell as it starts (its
+    number and the heading above it) and the kernel's progress bars (its stderr) as they run. The executed copy
+    replaces ``out_dir/<name>.ipynb`` only when the notebook ran through; a failing one is left in
+    ``out_dir/.failed/`` (hidden, so that nbval does not collect it) and raises ``DetrqError`` naming it. The kernel
+    starts in the repository root; the notebooks resolve relative paths against it anyway.
     """
-    import papermill
+    from concurrent.futures import ThreadPoolExecutor
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".failed").mkdir(parents=True, exist_ok=True)
     declared = declared_parameters(names, notebook_dir)
-    seconds = {}
-    for name in names:
-        failed = out_dir / ".failed" / f"{name}.ipynb"
-        failed.parent.mkdir(exist_ok=True)
-        start = time.perf_counter()
-        log(f"== notebook {name}")
-        try:
-            papermill.execute_notebook(str(notebook_dir / f"{name}.ipynb"), str(failed),
-                                       parameters={k: v for k, v in params.items() if k in declared[name]},
-                                       cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
-        except papermill.PapermillExecutionError as e:
-            raise DetrqError(f"notebook {name} failed at cell {e.exec_count}: {e.ename}: {e.evalue} "
-                             f"(executed copy: {failed})") from None
-        clean_notebook(failed)
-        os.replace(failed, out_dir / f"{name}.ipynb")
-        seconds[name] = time.perf_counter() - start
-        log(f"   ({name}: {seconds[name]:.0f} s)")
+    if together and len(names) > 1:
+        threads = max(1, int(params.get("threads", 1)) // len(names))
+        shared = {**params, **({"threads": threads} if "threads" in params else {})}
+        with ThreadPoolExecutor(len(names)) as pool:
+            futures = {n: pool.submit(_run_notebook, n, shared, out_dir, notebook_dir, declared[n], log, progress)
+                       for n in names}
+        errors = [f.exception() for f in futures.values() if f.exception() is not None]
+        if errors:
+            raise errors[0]
+        seconds = {n: f.result() for n, f in futures.items()}
+    else:
+        seconds = {n: _run_notebook(n, params, out_dir, notebook_dir, declared[n], log, progress) for n in names}
     with contextlib.suppress(OSError):  # removed only when empty: failed copies of earlier runs stay
         (out_dir / ".failed").rmdir()
+    return seconds
+
+
+def _run_notebook(name: str, params: dict[str, Any], out_dir: Path, notebook_dir: Path, declared: set[str],
+                  log: Callable[[str], None], progress: bool) -> float:
+    """One notebook of ``run_notebooks``: executed, cleaned and moved into place; its seconds."""
+    import sys
+    import tempfile
+
+    import papermill
+
+    failed = out_dir / ".failed" / f"{name}.ipynb"
+    start = time.perf_counter()
+    log(f"== notebook {name}")
+    titles = _cell_titles(notebook_dir / f"{name}.ipynb")
+    started: list[int] = []  # the code cells begun so far (papermill's injected one not counted)
+
+    def announce(cell: Any, cell_index: int, **_: Any) -> None:
+        if cell.cell_type != "code" or INJECTED_TAG in cell.metadata.get("tags", []):
+            return
+        started.append(cell_index)
+        title = titles[len(started) - 1] if len(started) <= len(titles) else ""
+        log(f"   [{name} cell {len(started)}/{len(titles)}, {time.perf_counter() - start:.0f} s] {title}")
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="detrq-kernel-") as sockets:
+            extra = {"on_cell_execute": announce, "stderr_file": KernelProgress(sys.stderr)} if progress else {}
+            papermill.execute_notebook(str(notebook_dir / f"{name}.ipynb"), str(failed),
+                                       parameters={k: v for k, v in params.items() if k in declared},
+                                       cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
+                                       kernel_manager_class=ipc_kernel_manager(Path(sockets)), **extra)
+    except papermill.PapermillExecutionError as e:
+        raise DetrqError(f"notebook {name} failed at cell {e.exec_count}: {e.ename}: {e.evalue} "
+                         f"(executed copy: {failed})") from None
+    clean_notebook(failed)
+    os.replace(failed, out_dir / f"{name}.ipynb")
+    seconds = time.perf_counter() - start
+    log(f"   ({name}: {seconds:.0f} s)")
     return seconds
 
 
@@ -221,12 +353,13 @@ def _trace_line(name: str, tr: dict[str, Any]) -> str:
         return (f"{name:16s}: KL traces ({tr['estimator']}) median rel stderr "
                 f"{statistics.median(rel_stderr(e) for e in kl if e['trace']):.3f}, Jacobian row-norm sums "
                 f"({jac[0]['estimator']}, {jac[0]['n_probes']} probes) median rel stderr {rel:.3f}")
-    est = list(tr["layers"].values())
+    est = [_shown_estimate(tr, e) for e in tr["layers"].values()]
     positive = [e["avg_trace"] for e in est if e["avg_trace"] > 0]
     median_log = f"{statistics.median(math.log10(a) for a in positive):.1f}" if positive else "n/a"
     worst = max(rel_stderr(e) for e in est)
     median_rel = statistics.median(rel_stderr(e) for e in est)
-    return (f"{name:16s}: {tr['estimator']}, median log10 avg trace {median_log}, {len(est) - len(positive)} of "
+    what = f"ModelOpt score at {SHOWN_BITS} bits" if tr["metric"] == MODELOPT else "avg trace"
+    return (f"{name:16s}: {tr['estimator']}, median log10 {what} {median_log}, {len(est) - len(positive)} of "
             f"{len(est)} <= 0, probes {max(e['n_probes'] for e in est)}, rel stderr median {median_rel:.2f} "
             f"worst {worst:.2f}")
 
@@ -245,6 +378,14 @@ def traces_summary(traces: dict[str, dict[str, Any]], stability: dict[str, Any],
     return "\n".join(lines)
 
 
+SHOWN_BITS = 4  # the width whose ModelOpt score the traces table and summary show (it holds one per width)
+
+
+def _shown_estimate(tr: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A layer's estimate as the traces table shows it: ModelOpt's score at ``SHOWN_BITS``, else the entry."""
+    return entry[str(SHOWN_BITS)] if tr["metric"] == MODELOPT else entry
+
+
 def _layer_value(entry: dict[str, Any], first_order: bool) -> tuple[float, float]:
     """A layer's estimate and stderr as the traces table shows them (first-order: the Jacobian row-norm sum)."""
     if first_order:
@@ -255,7 +396,7 @@ def _layer_value(entry: dict[str, Any], first_order: bool) -> tuple[float, float
 def traces_markdown(traces: dict[str, dict[str, Any]], replicas: list[dict[str, dict[str, Any]]] = ()) -> str:
     """Notebook 01: per layer and scheme, the estimate ± stderr (Tr/|W|; for the first-order metric the KL
     Tr/|W| and the Jacobian row-norm sum S_l), and the largest |difference| of another probe seed's estimate in
-    units of the combined stderr (z)."""
+    units of the combined stderr (z). ModelOpt's score is shown at ``SHOWN_BITS`` bits."""
     names = list(traces)
     head = ["layer"]
     for n in names:  # a pipe inside a cell must be escaped, or the table does not render
@@ -267,15 +408,15 @@ def traces_markdown(traces: dict[str, dict[str, Any]], replicas: list[dict[str, 
         for n in names:
             tr = traces[n]
             first_order = tr["metric"] == FIRST_ORDER
-            entry = tr["layers"][layer]
+            entry = _shown_estimate(tr, tr["layers"][layer])
             if first_order:
                 kl = entry["kl"]
                 cells.append(f"{kl['avg_trace']:.3g} ± {kl['stderr'] / kl['numel']:.2g}")
             value, err = _layer_value(entry, first_order)
             cells.append(f"{value:.3g} ± {err:.2g}")
             zs = []
-            for rep in replicas:
-                other, other_err = _layer_value(rep[n]["layers"][layer], first_order)
+            for rep in (r for r in replicas if n in r):
+                other, other_err = _layer_value(_shown_estimate(tr, rep[n]["layers"][layer]), first_order)
                 combined = math.hypot(err, other_err)
                 zs.append(abs(other - value) / combined if combined else 0.0)
             cells.append(f"{max(zs):.1f}" if zs else "-")
@@ -299,14 +440,29 @@ def stability_verdict(check: dict[str, Any], scheme: str) -> tuple[str, float, f
     return ("stable" if spread <= check["max_objective_spread"] else "bit maps stable"), agreement, spread
 
 
+def unchecked_note(check: dict[str, Any]) -> str:
+    """Which schemes the seed-agreement check did not compare, and why; empty when it compared all."""
+    unchecked = check.get("unchecked", [])
+    if not unchecked:
+        return ""
+    if check["seeds"] < 2:
+        return (f"one probe seed (stability_seeds 1): the agreement of {', '.join(unchecked)} across seeds was not "
+                "checked")
+    return f"deterministic, no probes, so no other seed to compare: {', '.join(unchecked)}"
+
+
 def seed_stability_summary(check: dict[str, Any]) -> str:
     """Notebooks 01/02: per scheme the verdict, the worst bit-map agreement and the largest objective spread."""
-    lines = [f"bit maps of {check['seeds']} probe seeds (stable: agreement >= {check['min_agreement_required']:.0%} "
-             f"of weights, objectives within {check['max_objective_spread']:.0%}):"]
+    lines = []
+    if check["schemes"]:
+        lines.append(f"bit maps of {check['seeds']} probe seeds (stable: agreement >= "
+                     f"{check['min_agreement_required']:.0%} of weights, objectives within "
+                     f"{check['max_objective_spread']:.0%}):")
     for scheme in check["schemes"]:
         verdict, agreement, spread = stability_verdict(check, scheme)
         lines.append(f"{scheme:16s}: {verdict}, agreement {agreement:.0%}, objective spread {spread:.1%}")
-    return "\n".join(lines)
+    note = unchecked_note(check)
+    return "\n".join([*lines, *([note] if note else [])])
 
 
 def seed_stability_markdown(check: dict[str, Any]) -> str:
@@ -322,7 +478,10 @@ def seed_stability_markdown(check: dict[str, Any]) -> str:
               f"maps agree, but the objectives spread more than {limit:.0%}: the seeds' estimates differ in scale, "
               f"not in the bits they lead to. **NOT stable**: at some target the maps differ on more than "
               f"{1 - need:.0%} of the weights: the ILP's answer moves with the probe seed."]
-    return "\n".join(lines) + "\n"
+    note = unchecked_note(check)
+    if not check["schemes"]:
+        lines = []
+    return "\n".join([*lines, *(["", f"Not compared: {note}."] if note else [])]) + "\n"
 
 
 def region_mean_bits(bit_map: dict[str, int], numel: dict[str, int] | None = None) -> dict[str, float]:

@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from detrq.artifact.pipeline import run_allocation, run_evaluation
+from detrq.artifact.workers import EvaluationJob, run_evaluations
 from detrq.data.coco import CocoDetection
 from detrq.io.errors import DetrqError
 from detrq.io.layout import kind_dir, results_file
@@ -52,7 +55,8 @@ class SweepSettings:
     batch_size: int = 8
     time_limit: float = 60.0
     device: str = "cpu"
-    launch: Launch = Launch()  # torchrun ranks for the Eq. (6) evaluations (the full run); not in the results
+    launch: Launch = Launch()  # torchrun ranks for the Eq. (6) evaluations (the full run), or workers side by side for
+    # all of them; not in the results
 
     def __post_init__(self) -> None:
         lo, hi = self.bits
@@ -108,28 +112,28 @@ def run_sweep(model: DETR, checkpoint_sha: str, dataset: CocoDetection, sources:
                                 batch_size=settings.batch_size, device=settings.device, progress=progress,
                                 label="float")
     mb = 1e6 * 8
-    points: list[Point] = []
     names = list(quantizable_layers(model))
-    for qname, quantizer in quantizers.items():
-        evaluations = []
-        for b in settings.uniform_bits:
-            evaluations.append((UNIFORM, float(b), {n: b for n in names}))
-        for source, data in sources[qname].items():
-            for t in settings.targets_for(qname):
-                alloc = run_allocation(model, dict(data), t, settings.bits_range,
-                                       out_dir / f"bitmap_{_file_stem(qname, source, t)}.json",
-                                       negative_traces=settings.negative_traces, time_limit=settings.time_limit,
-                                       quantizer=quantizer)
-                evaluations.append((source, t, alloc["bit_map"]))
-        # Launched ranks apply Eq. (6) only (they rebuild no calibrated quantizer): the others run here.
-        launch = settings.launch if qname == "eq6" else Launch()
-        for source, t, bit_map in evaluations:
-            r = run_evaluation(model, checkpoint_sha, dataset, bit_map,
-                               out_dir / f"eval_{_file_stem(qname, source, t)}.json", batch_size=settings.batch_size,
-                               device=settings.device, progress=progress, label=f"{qname} {source} {t:g}",
-                               quantizer=quantizer, launch=launch)
-            points.append(Point(qname, source, t, r["avg_bits"], model_size_bits(model, bit_map, quantizer) / mb,
-                                r["metrics"]["AP"], r["metrics"].get("per_class", {})))
+    # Every point is allocated first, then all are evaluated (side by side when settings.launch has workers); per
+    # quantizer, uniform comes first, then each source's targets.
+    to_allocate = [(q, source, t, data) for q in quantizers for source, data in sources[q].items()
+                   for t in settings.targets_for(q)]
+    bit_maps = {(q, source, t): run_allocation(model, dict(data), t, settings.bits_range,
+                                               out_dir / f"bitmap_{_file_stem(q, source, t)}.json",
+                                               negative_traces=settings.negative_traces,
+                                               time_limit=settings.time_limit, quantizer=quantizers[q])["bit_map"]
+                for q, source, t, data in tqdm(to_allocate, desc="ILP allocations", unit="bit map",
+                                               disable=not progress)}
+    evaluations: list[tuple[str, str, float, dict[str, int]]] = []
+    for q in quantizers:
+        evaluations += [(q, UNIFORM, float(b), {n: b for n in names}) for b in settings.uniform_bits]
+        evaluations += [(q, source, t, bit_map) for (q2, source, t), bit_map in bit_maps.items() if q2 == q]
+    jobs = [EvaluationJob(bit_map, out_dir / f"eval_{_file_stem(q, source, t)}.json", f"{q} {source} {t:g}",
+                          quantizer=quantizers[q]) for q, source, t, bit_map in evaluations]
+    done = run_evaluations(model, checkpoint_sha, dataset, jobs, batch_size=settings.batch_size,
+                           device=settings.device, launch=settings.launch, progress=progress)
+    points = [Point(q, source, t, r["avg_bits"], model_size_bits(model, bit_map, quantizers[q]) / mb,
+                    r["metrics"]["AP"], r["metrics"].get("per_class", {}))
+              for (q, source, t, bit_map), r in zip(evaluations, done)]
     result = {
         "settings": {**{k: v for k, v in asdict(settings).items() if k != "launch"},
                      "bits_range": [settings.bits[0], settings.bits[1]]},

@@ -13,6 +13,8 @@ process's.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,10 +28,10 @@ from detrq.data.coco import CocoDetection, class_balanced_subset
 from detrq.data.loading import eval_dataset, hessian_batches
 from detrq.evaluation.bootstrap import save_detections
 from detrq.evaluation.evaluate import evaluate
-from detrq.io.cache import cache_key, load_cached
+from detrq.io.cache import cache_key, find_twin, load_cached
 from detrq.io.errors import DetrqError
-from detrq.io.layout import results_file
-from detrq.io.results import environment, read_json, sha256_file, write_json_atomic
+from detrq.io.layout import kind_dir, results_file
+from detrq.io.results import atomic_output, environment, read_json, sha256_file, write_json_atomic
 from detrq.models.detr import DETR
 from detrq.parallel import distributed
 from detrq.parallel.launch import Launch, run_ranks
@@ -85,6 +87,12 @@ class Scheme:
     def settings(self, base: TraceSettings, replica: int = 0) -> TraceSettings:
         """``base`` with this scheme's estimator and probe counts, and probe seed ``base.seed + replica``."""
         return replace(base, estimator=self.estimator, seed=base.seed + replica, **self._probe_fields())
+
+    @property
+    def stochastic(self) -> bool:
+        """True when the estimate depends on the probe seed. The fisher estimator (ModelOpt's score included) takes
+        one backward per image and no probes: another seed gives the same numbers, so it gets no replicas."""
+        return self.estimator != "fisher"
 
     @property
     def approximate(self) -> bool:
@@ -145,11 +153,7 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
     """
     check_metric(metric, SCHEME_METRICS)
     full = eval_dataset(model, root, split)
-    image_ids = class_balanced_subset(full, settings.num_images, settings.image_seed)
-    scored = {"bits": list(bits_range), "quantizer": quantizer.key} if metric == MODELOPT else {}
-    key = cache_key(kind="traces", metric=metric, checkpoint=checkpoint_sha, split=split, image_ids=image_ids,
-                    settings=settings.to_dict(), transform=full.transform.describe(),
-                    layers=list(quantizable_layers(model)), **scored)
+    key, image_ids = traces_key(model, checkpoint_sha, full, metric, settings, bits_range, quantizer)
     cached = load_cached(out, key, check=check_traces)
     if cached is not None:
         return cached
@@ -187,6 +191,17 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
     if distributed.is_main():
         write_json_atomic(out, result)
     return result
+
+
+def traces_key(model: DETR, checkpoint_sha: str, full: CocoDetection, metric: str, settings: TraceSettings,
+               bits_range: range = MODELOPT_BITS, quantizer: WeightQuantizer = EQ6) -> tuple[str, list[int]]:
+    """``run_traces``' cache key for the split ``full`` (``eval_dataset`` of it), and the Hessian image ids."""
+    image_ids = class_balanced_subset(full, settings.num_images, settings.image_seed)
+    scored = {"bits": list(bits_range), "quantizer": quantizer.key} if metric == MODELOPT else {}
+    key = cache_key(kind="traces", metric=metric, checkpoint=checkpoint_sha, split=full.split, image_ids=image_ids,
+                    settings=settings.to_dict(), transform=full.transform.describe(),
+                    layers=list(quantizable_layers(model)), **scored)
+    return key, image_ids
 
 
 def launched_result(out: str | Path, key: str, check: Callable[[Any, str], Any] | None = None) -> dict[str, Any]:
@@ -269,6 +284,12 @@ def detections_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".detections.npz")
 
 
+def serves(evaluation: str | Path, keep_detections: bool) -> bool:
+    """Whether an evaluation file with the right key serves a request: it does unless the request keeps the
+    detections and the file has none beside it."""
+    return not keep_detections or detections_path(evaluation).is_file()
+
+
 def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[str, int],
                    out: str | Path | None, *, batch_size: int = 8, device: str = "cpu", progress: bool = True,
                    label: str | None = None, keep_detections: bool = False, quantizer: WeightQuantizer = EQ6,
@@ -280,13 +301,14 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
     resamples) and a cache hit needs that file too. A sharded ``launch`` evaluates in torchrun ranks (Eq. (6)
     only; ``out`` required); inside a process group only rank 0 returns the result (the others: None).
     """
-    key = cache_key(kind="evaluate", checkpoint=checkpoint_sha,
-                    annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
-                    split=dataset.split, images=dataset.ids, batch_size=batch_size,
-                    transform=dataset.transform.describe(), bit_map=bit_map, **quantizer_key(quantizer))
+    key = evaluation_key(checkpoint_sha, dataset, bit_map, batch_size, quantizer)
     cached = load_cached(out, key) if out else None
-    if cached is not None and (not keep_detections or detections_path(out).is_file()):
+    if cached is not None and serves(out, keep_detections):
         return cached
+    twin = find_twin(evaluation_folders(out), key, exclude=out) if out else None
+    if twin is not None and serves(twin, keep_detections):
+        # Every rank of a process group sees the same twin; rank 0 alone writes and returns it.
+        return _adopt_evaluation(twin, out, label, keep_detections) if distributed.is_main() else None
     if launch.sharded:
         return _launch_evaluation(launch, dataset, bit_map, out, key, batch_size=batch_size, label=label,
                                   keep_detections=keep_detections, quantizer=quantizer)
@@ -306,6 +328,41 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
         if keep_detections:
             save_detections(detections_path(out), metrics["detections"])
         write_json_atomic(out, result)
+    return result
+
+
+def evaluation_key(checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[str, int], batch_size: int,
+                   quantizer: WeightQuantizer = EQ6) -> str:
+    """``run_evaluation``'s cache key: the checkpoint, the annotations' bytes, the images, the batching, the size
+    policy, the bit map and the quantizer."""
+    return cache_key(kind="evaluate", checkpoint=checkpoint_sha,
+                     annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
+                     split=dataset.split, images=dataset.ids, batch_size=batch_size,
+                     transform=dataset.transform.describe(), bit_map=bit_map, **quantizer_key(quantizer))
+
+
+def evaluation_folders(out: str | Path) -> list[Path]:
+    """Where an evaluation's twins may lie: every evaluation folder of the results directory ``out`` is in
+    (Table 1's and the Pareto sweep's), or ``out``'s own folder when it is in none."""
+    out = Path(out)
+    if out.parent.name in ("evaluations", "pareto"):
+        return [kind_dir(out.parent.parent, k) for k in ("evaluations", "pareto")]
+    return [out.parent]
+
+
+def _adopt_evaluation(twin: Path, out: str | Path, label: str | None, keep_detections: bool) -> dict[str, Any]:
+    """The evaluation at ``twin`` (same cache key) written at ``out`` under ``label``, its detections too. Each copy
+    keeps the twin's modification time, so a twin taken from a cache is still seen as reused (``reproduction``)."""
+    out = Path(out)
+    result = {**read_json(twin), "label": label}
+    pairs = [(twin, write_json_atomic(out, result))]
+    if keep_detections:
+        with atomic_output(detections_path(out)) as tmp:
+            shutil.copyfile(detections_path(twin), tmp)
+        pairs.append((detections_path(twin), detections_path(out)))
+    for src, dst in pairs:
+        stat = src.stat()
+        os.utime(dst, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return result
 
 
@@ -356,11 +413,29 @@ def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: st
                    progress: bool = False, launch: Launch = Launch()) -> dict[str, dict[str, Any]]:
     """``run_traces`` for each scheme (its estimator) on the same Hessian image set; ``{scheme name: result}``.
 
-    ``replica`` k > 0 reruns every scheme with probe seed ``settings.seed + k`` into its own files.
+    ``replica`` k > 0 reruns every stochastic scheme (``Scheme.stochastic``) with probe seed ``settings.seed + k``
+    into its own files; the deterministic ones have no replicas and are left out.
     """
     return {s.name: run_traces(model, checkpoint_sha, root, split, s.metric, traces_path(results_dir, s.name, replica),
-                               s.settings(settings, replica), device=device, progress=progress, launch=launch)
-            for s in schemes}
+                               s.settings(settings, replica), device=device, progress=progress,
+                               launch=Launch() if s.metric == MODELOPT else launch)  # ModelOpt: one process
+            for s in schemes if replica == 0 or s.stochastic}
+
+
+def quantizer_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
+                     traces: dict[str, dict[str, Any]], quantizer: WeightQuantizer, *, device: str = "cpu",
+                     progress: bool = False) -> dict[str, dict[str, Any]]:
+    """``traces`` as cost sources for ``quantizer``: ModelOpt's score measures the output change that the quantizer
+    makes, so a ModelOpt scheme is scored again with it (same images and settings, its own file
+    ``traces_<name>_<quantizer>.json``); the Hessian traces do not depend on the quantizer and are kept."""
+    if quantizer.name == EQ6.name:
+        return dict(traces)
+    return {name: tr if tr["metric"] != MODELOPT else
+            run_traces(model, checkpoint_sha, root, split, MODELOPT,
+                       traces_path(results_dir, f"{name}_{quantizer.name}"), TraceSettings(**tr["settings"]),
+                       device=device, progress=progress,
+                       bits_range=range(min(tr["bits"]), max(tr["bits"]) + 1), quantizer=quantizer)
+            for name, tr in traces.items()}
 
 
 def run_all_allocations(model: nn.Module, sources: dict[str, dict[str, Any]], results_dir: str | Path,

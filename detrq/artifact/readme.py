@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detrq.artifact.claim_commands import RUN_COMMANDS, claim_commands_markdown
+from detrq.artifact.notebooks import unchecked_note
 from detrq.artifact.pareto import table2_markdown
 from detrq.artifact.reproduction import Tolerances
 from detrq.artifact.table1 import VERDICTS, claims_markdown, table1_compact_markdown, table1_markdown
@@ -184,6 +185,8 @@ def sensitivity_markdown(check: dict[str, Any]) -> str:
 
 def convergence_markdown(check: dict[str, Any]) -> str:
     """Notebook 02's convergence check: per scheme and budget, the worst bit-map agreement over probe seeds."""
+    if not check["schemes"]:
+        return f"Not compared: {unchecked_note(check)}.\n"
     targets = list(next(iter(check["schemes"].values())))
     lines = ["| scheme | stable | " + " | ".join(f"{t}-bit agreement / objective spread" for t in targets) + " |",
              "|---|---|" + "---:|" * len(targets)]
@@ -192,7 +195,8 @@ def convergence_markdown(check: dict[str, Any]) -> str:
             f"{by_target[t]['min_agreement']:.1%} / {by_target[t]['objective_spread']:.1%}" for t in targets) + " |")
     return "\n".join(lines) + f"\n\n{check['seeds']} probe seeds; stable means >= " \
         f"{check['min_agreement_required']:.0%} of the quantized weights get the same bits under every pair of " \
-        f"seeds and the ILP objectives lie within {check['max_objective_spread']:.0%}.\n"
+        f"seeds and the ILP objectives lie within {check['max_objective_spread']:.0%}." + \
+        (f" Not compared: {unchecked_note(check)}.\n" if check.get("unchecked") else "\n")
 
 
 def table2_section(table: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT, repo_relative
-from detrq.io.layout import RUN_LEVEL, kind_dir, results_file
+from detrq.io.layout import RUN_LEVEL, fill_missing, kind_dir, results_file
 from detrq.io.results import cpu_model, read_json, write_json_atomic
 
 IDENTICAL, WITHIN, DIFFERS, NOT_RUN = "identical", "within tolerance", "differs", "not run"
@@ -37,8 +37,11 @@ RUNS_DIR = PROJECT_ROOT / "runs"
 # The parts of the artifact, each with its run directory and the committed entries it owns (name prefixes of the
 # top-level entries of results/ and figures/: results/int8/ and figures/int8_*; the default run owns everything
 # that no other part does).
-RUN_NAMES: tuple[str, ...] = ("default", "int8")
+RUN_NAMES: tuple[str, ...] = ("default", "paper", "int8")
 PARTS: dict[str, tuple[str, ...]] = {"default": (), "int8": ("int8",)}
+# Runs of a smaller profile (params' ``profiles``): the part they regenerate a subset of. Their report marks what the
+# profile does not compute "not run", and they are never accepted (they would delete the rest of their part).
+PROFILE_RUNS: dict[str, str] = {"paper": "default"}
 # Committed files that accepting never deletes: the reports and the from-scratch runtimes (the run-level files).
 KEEP_PREFIXES = RUN_LEVEL
 
@@ -69,6 +72,14 @@ class Tolerances:
         return dataclasses.asdict(self)
 
 
+def _absent(item: str, committed: Any, partial: bool, what: str = "file") -> dict:
+    """The line of a committed number the run has no file or row for: not run by a smaller profile, else a
+    difference."""
+    if partial:
+        return _line(item, committed, None, NOT_RUN, "not in this run's profile")
+    return _line(item, committed, None, DIFFERS, f"{what} missing from the run")
+
+
 def _line(item: str, committed: Any, regenerated: Any, verdict: str, tolerance: str = "", **extra: Any) -> dict:
     return {"item": item, "committed": committed, "regenerated": regenerated, "verdict": verdict,
             "tolerance": tolerance, **extra}
@@ -82,7 +93,7 @@ def _read(path: Path) -> Any | None:
     return read_json(path) if path.is_file() else None
 
 
-def compare_table1(committed: dict, regenerated: dict | None, tol: Tolerances) -> list[dict]:
+def compare_table1(committed: dict, regenerated: dict | None, tol: Tolerances, partial: bool = False) -> list[dict]:
     """Table 1: every row's AP (points) and average bits."""
     lines = []
     new = {(r["precision"], r["scheme"]): r for r in (regenerated or {}).get("rows", [])}
@@ -93,7 +104,7 @@ def compare_table1(committed: dict, regenerated: dict | None, tol: Tolerances) -
             if regenerated is None:
                 lines.append(_line(f"{name} {key}", row[key], None, NOT_RUN))
             elif other is None:
-                lines.append(_line(f"{name} {key}", row[key], None, DIFFERS, "row missing from the run"))
+                lines.append(_absent(f"{name} {key}", row[key], partial, "row"))
             else:
                 lines.append(_line(f"{name} {key}", row[key], other[key],
                                    _number_verdict(row[key], other[key], abs(row[key] - other[key]) <= limit),
@@ -101,7 +112,7 @@ def compare_table1(committed: dict, regenerated: dict | None, tol: Tolerances) -
     return lines
 
 
-def compare_table2(committed: dict, regenerated: dict | None, tol: Tolerances) -> list[dict]:
+def compare_table2(committed: dict, regenerated: dict | None, tol: Tolerances, partial: bool = False) -> list[dict]:
     """Table 2 (notebook 07): every row's AP (points, stored as a fraction) and average bits, as Table 1's."""
     def key(r: dict) -> tuple[str, str, str]:
         return r["precision"], r["quantizer"], r["source"]
@@ -116,7 +127,7 @@ def compare_table2(committed: dict, regenerated: dict | None, tol: Tolerances) -
             if regenerated is None:
                 lines.append(_line(f"{name} {field}", old, None, NOT_RUN))
             elif other is None:
-                lines.append(_line(f"{name} {field}", old, None, DIFFERS, "row missing from the run"))
+                lines.append(_absent(f"{name} {field}", old, partial, "row"))
             else:
                 now = scale * other[field]
                 lines.append(_line(f"{name} {field}", old, now, _number_verdict(old, now, abs(old - now) <= limit),
@@ -140,7 +151,7 @@ def identical_share(a: dict[str, int], b: dict[str, int], numel: dict[str, int])
     return same / sum(weight.values()) if names else 1.0
 
 
-def compare_bitmaps(committed_dir: Path, run_dir: Path | None, tol: Tolerances) -> list[dict]:
+def compare_bitmaps(committed_dir: Path, run_dir: Path | None, tol: Tolerances, partial: bool = False) -> list[dict]:
     numel = _layer_numel(committed_dir)
     lines = []
     for path in sorted(kind_dir(committed_dir, "bitmaps").glob("bitmap_*.json")):
@@ -151,7 +162,7 @@ def compare_bitmaps(committed_dir: Path, run_dir: Path | None, tol: Tolerances) 
             lines.append(_line(item, 1.0, None, NOT_RUN))
             continue
         if new is None:
-            lines.append(_line(item, 1.0, None, DIFFERS, "file missing from the run"))
+            lines.append(_absent(item, 1.0, partial))
             continue
         share = identical_share(old, new["bit_map"], numel)
         verdict = IDENTICAL if share == 1.0 else WITHIN if share >= tol.bitmap_share else DIFFERS
@@ -160,13 +171,15 @@ def compare_bitmaps(committed_dir: Path, run_dir: Path | None, tol: Tolerances) 
 
 
 def _trace_values(layers: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """Per estimated quantity, ``(value, stderr)``: the trace, or for the first-order metric its KL trace and
-    its Jacobian row-norm sum."""
+    """Per estimated quantity, ``(value, stderr)``: the trace, for the first-order metric its KL trace and its
+    Jacobian row-norm sum, for ModelOpt's score the score at each bit width."""
     out = {}
     for name, e in layers.items():
         if "kl" in e:
             out[f"{name} KL"] = (e["kl"]["trace"], e["kl"]["stderr"])
             out[f"{name} S_l"] = (e["jacobian"]["sum"], e["jacobian"]["stderr"])
+        elif "trace" not in e:  # ModelOpt's score: one estimate per bit width
+            out.update({f"{name} {b}-bit": (est["trace"], est["stderr"]) for b, est in e.items()})
         else:
             out[name] = (e["trace"], e["stderr"])
     return out
@@ -185,7 +198,7 @@ def trace_difference(old: dict[str, Any], new: dict[str, Any], floor: float = 0.
     return worst, len(resolved), all(a[k][0] == b[k][0] for k in a)
 
 
-def compare_traces(committed_dir: Path, run_dir: Path | None, tol: Tolerances) -> list[dict]:
+def compare_traces(committed_dir: Path, run_dir: Path | None, tol: Tolerances, partial: bool = False) -> list[dict]:
     lines = []
     for path in sorted(kind_dir(committed_dir, "traces").glob("traces_*.json")):
         item = f"traces {path.stem.removeprefix('traces_')}"
@@ -194,7 +207,7 @@ def compare_traces(committed_dir: Path, run_dir: Path | None, tol: Tolerances) -
             continue
         new = _read(results_file(run_dir, path.name))
         if new is None:
-            lines.append(_line(item, 0.0, None, DIFFERS, "file missing from the run"))
+            lines.append(_absent(item, 0.0, partial))
             continue
         worst, n, equal = trace_difference(read_json(path)["layers"], new["layers"], tol.trace_floor)
         verdict = IDENTICAL if equal else WITHIN if worst <= tol.trace_rel else DIFFERS
@@ -203,9 +216,11 @@ def compare_traces(committed_dir: Path, run_dir: Path | None, tol: Tolerances) -
     return lines
 
 
-def compare_claims(committed: dict, regenerated: dict | None) -> list[dict]:
+def compare_claims(committed: dict, regenerated: dict | None, partial: bool = False) -> list[dict]:
     new = {c["claim"]: c["verdict"] for c in (regenerated or {}).get("claims", [])}
-    return [_line(f"claim: {c['claim']}", c["verdict"], new.get(c["claim"]),
+    return [_absent(f"claim: {c['claim']}", c["verdict"], partial, "claim")
+            if regenerated is not None and c["claim"] not in new else
+            _line(f"claim: {c['claim']}", c["verdict"], new.get(c["claim"]),
                   NOT_RUN if regenerated is None else IDENTICAL if new.get(c["claim"]) == c["verdict"] else DIFFERS,
                   "same verdict") for c in committed["claims"]]
 
@@ -285,13 +300,13 @@ def compare_int8(committed: dict, regenerated: dict | None, tol: Tolerances, com
 
 
 def _compare_file(committed_dir: Path, run_dir: Path | None, name: str,
-                  compare: Callable[[dict, dict | None], list[dict]]) -> list[dict]:
+                  compare: Callable[[dict, dict | None], list[dict]], partial: bool = False) -> list[dict]:
     old = _read(results_file(committed_dir, name))
     if old is None:
         return []
     new = _read(results_file(run_dir, name)) if run_dir else None
     if run_dir is not None and new is None:
-        return [_line(name, "present", None, DIFFERS, "file missing from the run")]
+        return compare(old, None) if partial else [_absent(name, "present", partial)]
     return compare(old, new)
 
 
@@ -311,17 +326,25 @@ def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
     ``committed_dir``. A run directory holds ``results/``, ``figures/``, ``notebooks/`` and ``runtime.json``."""
     committed_dir = Path(committed_dir)
     found = {k: Path(v) for k, v in runs.items() if (Path(v) / "results").is_dir()}
-    default = found["default"] / "results" if "default" in found else None
+    # A smaller profile's run stands for its part when the part's own run is not in the report.
+    part_dirs = {**{PROFILE_RUNS[k]: d for k, d in found.items() if k in PROFILE_RUNS},
+                 **{k: d for k, d in found.items() if k not in PROFILE_RUNS}}
+    partial = "default" in part_dirs and part_dirs["default"] != found.get("default")
+    default = part_dirs["default"] / "results" if "default" in part_dirs else None
     int8 = found["int8"] / "results" if "int8" in found else None
     lines = []
-    lines += _compare_file(committed_dir, default, "table1.json", lambda a, b: compare_table1(a, b, tol))
-    lines += compare_bitmaps(committed_dir, default, tol)
-    lines += compare_traces(committed_dir, default, tol)
-    lines += _compare_file(committed_dir, default, "table2.json", lambda a, b: compare_table2(a, b, tol))
-    lines += _compare_file(committed_dir, default, "claims.json", compare_claims)
-    lines += _compare_file(committed_dir, default, "quant_curve.json", lambda a, b: compare_curve(a, b, tol))
+    lines += _compare_file(committed_dir, default, "table1.json", lambda a, b: compare_table1(a, b, tol, partial),
+                           partial)
+    lines += compare_bitmaps(committed_dir, default, tol, partial)
+    lines += compare_traces(committed_dir, default, tol, partial)
+    lines += _compare_file(committed_dir, default, "table2.json", lambda a, b: compare_table2(a, b, tol, partial),
+                           partial)
+    lines += _compare_file(committed_dir, default, "claims.json", lambda a, b: compare_claims(a, b, partial),
+                           partial)
+    lines += _compare_file(committed_dir, default, "quant_curve.json", lambda a, b: compare_curve(a, b, tol),
+                           partial)
     lines += _compare_file(committed_dir, default, "sensitivity_check.json",
-                           lambda a, b: compare_sensitivity(a, b, tol))
+                           lambda a, b: compare_sensitivity(a, b, tol), partial)
     int8_cpu = (_read(results_file(committed_dir, "runtime_int8.json")) or {}).get("cpu")
     for path in sorted(kind_dir(committed_dir, "int8").glob("int8_*.json")):
         lines += _compare_file(committed_dir, int8, path.name, lambda a, b: compare_int8(a, b, tol, int8_cpu))
@@ -386,14 +409,15 @@ def write_report(report: dict[str, Any], paths: list[str | Path]) -> None:
         write_json_atomic(path, report)
 
 
-def write_runtime(run_dir: str | Path, steps: list[tuple[str, int]]) -> dict[str, Any]:
-    """``run_dir/runtime.json``: each step's seconds, the CPU, and whether they are a from-scratch run's: no
-    result reused and no interruption (a resumed run's steps time only what was left)."""
+def write_runtime(run_dir: str | Path, steps: list[tuple[str, int]], profile: str = "complete") -> dict[str, Any]:
+    """``run_dir/runtime.json``: each step's seconds, the profile, the CPU, and whether they are a from-scratch run's:
+    no result reused and no interruption (a resumed run's steps time only what was left)."""
     run_dir = Path(run_dir)
     reused = reused_files(run_dir / "results")
     resumed = (run_dir / RESUMED_NAME).is_file()
     runtime = {"steps": [{"name": n, "seconds": s} for n, s in steps], "total_seconds": sum(s for _, s in steps),
-               "cpu": cpu_model(), "threads_available": _cpu_count(), "from_scratch": not reused and not resumed,
+               "profile": profile, "cpu": cpu_model(), "threads_available": _cpu_count(),
+               "from_scratch": not reused and not resumed,
                "reused_files": len(reused), "resumed": resumed}
     write_json_atomic(run_dir / RUNTIME_NAME, runtime)
     return runtime
@@ -431,15 +455,7 @@ def start_run(run_dir: str | Path, reuse: bool, seed_from: str | Path | None = N
     results.mkdir(parents=True, exist_ok=True)
     seeded = []
     if reuse and seed_from is not None and not any(results.iterdir()):
-        for src in sorted(Path(seed_from).iterdir()):
-            if src.name.startswith(KEEP_PREFIXES):
-                continue
-            if src.is_dir():
-                shutil.copytree(src, results / src.name)
-                seeded.append(f"{src.name}/")
-            elif src.is_file():
-                shutil.copy2(src, results / src.name)
-                seeded.append(src.name)
+        seeded = [f"{src.name}/" if src.is_dir() else src.name for src in fill_missing(results, seed_from)]
     (run_dir / REPORT_NAME).unlink(missing_ok=True)
     (run_dir / RESUMED_NAME).unlink(missing_ok=True)
     # The marker must be strictly newer than every cached file, or a cache hit would pass for new work.
@@ -482,3 +498,11 @@ def accept_runs(runs: dict[str, str | Path], results_dir: str | Path, figures_di
                     shutil.copy2(src, dest / src.name)
                     copied.append(f"{sub}/{src.name}")
     return copied
+
+
+def accepted_report(runs: dict[str, str | Path], results_dir: str | Path) -> Path:
+    """The report to keep beside accepted results: the newest report of an accepted run. ``results_dir``'s own
+    report is the last one any run wrote, which may be a smaller profile's, run after the accepted one; it serves
+    only when no accepted run has a report of its own."""
+    reports = [Path(d) / REPORT_NAME for d in runs.values() if (Path(d) / REPORT_NAME).is_file()]
+    return max(reports, key=lambda p: p.stat().st_mtime_ns) if reports else Path(results_dir) / REPORT_NAME

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from detrq.artifact.pipeline import detections_path, run_evaluation
+from detrq.artifact.pipeline import detections_path
+from detrq.artifact.workers import EvaluationJob, run_evaluations
 from detrq.data.coco import CocoDetection
 from detrq.evaluation.bootstrap import load_detections, paired_bootstrap
 from detrq.io.cache import cache_key, load_cached
@@ -60,7 +61,7 @@ class Table1Settings:
     level: float = 0.95
     batch_size: int = 8
     device: str = "cpu"
-    launch: Launch = Launch()  # nproc > 1: each evaluation runs as torchrun ranks
+    launch: Launch = Launch()  # nproc > 1: each evaluation runs as torchrun ranks; workers > 1: side by side
     quantizer: WeightQuantizer = EQ6  # applies every row's bit map (the paper's Eq. (6) by default)
 
 
@@ -213,18 +214,17 @@ def run_table1(model: DETR, checkpoint_sha: str, dataset: CocoDetection,
     results_dir = Path(results_dir)
     rows = table_rows(extra, targets, [*allocations, "none", "uniform"])
 
-    def evaluation(p: str, s: str, allocs: dict, replica: int = 0) -> dict[str, Any]:
-        return run_evaluation(model, checkpoint_sha, dataset, row_bit_map(model, p, s, allocs),
-                              eval_path(results_dir, p, s, replica), batch_size=settings.batch_size,
-                              device=settings.device, progress=progress, label=f"{p} {s}",
-                              keep_detections=replica == 0, launch=settings.launch, quantizer=settings.quantizer)
-
-    evaluations = {(p, s): evaluation(p, s, allocations) for p, s in rows}
+    wanted = [((p, s), k, allocs) for k, allocs in enumerate([allocations, *replicas])
+              for p, s in rows if k == 0 or s in allocs]
+    jobs = [EvaluationJob(row_bit_map(model, p, s, allocs), eval_path(results_dir, p, s, k), f"{p} {s}",
+                          keep_detections=k == 0, quantizer=settings.quantizer) for (p, s), k, allocs in wanted]
+    done = run_evaluations(model, checkpoint_sha, dataset, jobs, batch_size=settings.batch_size,
+                           device=settings.device, launch=settings.launch, progress=progress)
+    evaluations = {row: r for (row, k, _), r in zip(wanted, done) if k == 0}
     replica_aps: dict[tuple[str, str], list[float]] = {}
-    for k, allocs in enumerate(replicas, start=1):
-        for p, s in rows:
-            if s in allocs:
-                replica_aps.setdefault((p, s), []).append(100 * evaluation(p, s, allocs, k)["metrics"]["AP"])
+    for (row, k, _), r in zip(wanted, done):
+        if k:
+            replica_aps.setdefault(row, []).append(100 * r["metrics"]["AP"])
     pairs = run_bootstrap(dataset, {row_key(*r): (eval_path(results_dir, *r), evaluations[r]) for r in rows},
                           bootstrap_pairs(rows), settings, results_file(results_dir, "table1_bootstrap.json"),
                           progress=progress)
@@ -247,7 +247,8 @@ def run_bootstrap(dataset: CocoDetection, evaluations: dict[str, tuple[Path, dic
         return cached["pairs"]
     detections = {label: load_detections(detections_path(path)) for label, (path, _) in evaluations.items()}
     result = paired_bootstrap(dataset.coco, dataset.ids, detections, pairs, n_boot=settings.n_boot,
-                              seed=settings.boot_seed, level=settings.level, progress=progress)
+                              seed=settings.boot_seed, level=settings.level, progress=progress,
+                              workers=settings.launch.workers)
     write_json_atomic(out, {"cache_key": key, "pairs": result})
     return result
 
@@ -304,7 +305,7 @@ def table1_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-COMPACT_EXTRA: tuple[str, ...] = ("out-first-order", MEASURED)  # the rows beyond the paper on the front page
+COMPACT_EXTRA: tuple[str, ...] = ("out-first-order", "modelopt", MEASURED)  # the rows beyond the paper on the front page
 
 
 def table1_compact_markdown(table: dict[str, Any], extra: Sequence[str] = COMPACT_EXTRA) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, NamedTuple
 
 from detrq.artifact.pipeline import SEED_STABILITY_FILE, bitmap_path, read_allocations
 from detrq.io.errors import DetrqError
-from detrq.io.layout import RUN_LEVEL, results_file
+from detrq.io.layout import fill_missing, results_file
 from detrq.io.paths import PROJECT_ROOT, resolve_path
 from detrq.io.results import read_json
 from detrq.quant.allocate import paper_bits_range
@@ -54,30 +53,14 @@ def run_dirs(results_dir: str | os.PathLike, figures_dir: str | os.PathLike | No
 
 
 def seed_folder(folder: str | os.PathLike, source: str | os.PathLike) -> list[str]:
-    """Copy each entry of ``source`` that ``folder`` lacks into it (hidden entries and the run-level files, the
-    reports and runtimes, excepted), unless ``folder`` was filled before; returns the names copied. Nothing in
-    ``folder`` is overwritten and ``source`` is only read. Each entry is copied under a temporary name and
-    renamed, so an interrupted fill leaves no half-copied entry, and the next call completes it."""
+    """``io.layout.fill_missing(folder, source)`` unless ``folder`` was filled before (a marker file says so);
+    returns the names copied. Nothing in ``folder`` is overwritten and ``source`` is only read."""
     folder, source = Path(folder), Path(source)
     if folder.resolve() == source.resolve():
         raise DetrqError(f"cannot fill {folder} from itself")
     if (folder / SEEDED_MARKER).is_file():
         return []
-    folder.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for src in sorted(source.iterdir()) if source.is_dir() else []:
-        dest = folder / src.name
-        if src.name.startswith(".") or src.name.startswith(RUN_LEVEL) or dest.exists():
-            continue
-        tmp = folder / f".{src.name}.filling"
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        if src.is_dir():
-            shutil.copytree(src, tmp)
-        else:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dest)
-        copied.append(src.name)
+    copied = [src.name for src in fill_missing(folder, source)]
     (folder / SEEDED_MARKER).write_text(f"filled from {source.name}/ on {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     return copied
 
@@ -149,20 +132,21 @@ class Notebook02(NamedTuple):
 
 
 def notebook02_allocations(results_dir: str | os.PathLike) -> Notebook02:
-    """What notebook 02 allocated last in ``results_dir``: the traced sources and targets that its seed-agreement
-    check (``bitmaps/seed_stability.json``, rewritten on every run of 02) covers, plus Measured Sen, which 02
-    allocates at every target; each bit map read from its file."""
+    """What notebook 02 allocated last in ``results_dir``: the sources (traced schemes, and Measured Sen when 02
+    allocated it) and targets that its seed-agreement check (``bitmaps/seed_stability.json``, rewritten on every run
+    of 02) lists; each bit map read from its file, and the other probe seeds' maps of the schemes the check
+    compared."""
     results = Path(results_dir)
     path = results_file(results, SEED_STABILITY_FILE)
     if not path.is_file():
         raise DetrqError(f"{path} not found: run notebook 02 (bit allocation) on this results_dir first")
     check = read_json(path)
-    sources = list(check["schemes"])
-    if not sources:
+    sources = check.get("sources", [*check["schemes"], MEASURED])  # files written before "sources": always both
+    if not [n for n in sources if n != MEASURED]:
         raise DetrqError(f"{path.name} lists no scheme: rerun notebook 02 with at least one traced scheme")
-    targets = tuple(target_value(t) for t in check["schemes"][sources[0]])
-    allocations = {n: {t: read_json(bitmap_path(results, n, t)) for t in targets} for n in [*sources, MEASURED]}
-    replicas = [{n: {t: read_json(bitmap_path(results, n, t, k)) for t in targets} for n in sources}
+    targets = tuple(target_value(t) for t in (check["targets"] if "targets" in check else check["schemes"][sources[0]]))
+    allocations = {n: {t: read_json(bitmap_path(results, n, t)) for t in targets} for n in sources}
+    replicas = [{n: {t: read_json(bitmap_path(results, n, t, k)) for t in targets} for n in check["schemes"]}
                 for k in range(1, check["seeds"])]
     first = allocations[sources[0]][targets[0]]
     return Notebook02(allocations, replicas, targets, first.get("negative_traces", "keep"),

@@ -193,7 +193,10 @@ class CocoDetection(torch.utils.data.Dataset):
     annotation file and the images are validated first (``data.validate``; ``num_classes`` also checks the
     category ids against a model's classes), and ``data_report`` keeps the soft problems found.
     By default every image in the annotation file is used, sorted by id, as official DETR (images
-    without annotations included, since COCO evaluation counts them).
+    without annotations included, since COCO evaluation counts them). After ``hold_in_memory()`` each image is
+    decoded and transformed once and then served from memory (for a deterministic transform and a set small
+    enough to hold: the embedded default's 500 val images at 128 px take 98 MB, and are evaluated hundreds of
+    times).
     """
 
     def __init__(
@@ -207,6 +210,7 @@ class CocoDetection(torch.utils.data.Dataset):
         num_classes: int | None = None,
     ) -> None:
         self.root = Path(root)
+        self._kept: dict[int, tuple[Tensor, dict[str, Any]]] | None = None
         self.split = split
         self.transform = transform
         if not self.root.is_dir():
@@ -238,7 +242,20 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def hold_in_memory(self) -> None:
+        """Keep each transformed image after its first load (the transform must be deterministic)."""
+        if self._kept is None:
+            self._kept = {}
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        if self._kept is None:
+            return self._load(index)
+        if index not in self._kept:
+            self._kept[index] = self._load(index)
+        image, target = self._kept[index]
+        return image, dict(target)  # a fresh dict: a caller may add keys without touching the kept one
+
+    def _load(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         image_id = self.ids[index]
         path = self.image_dir / self.coco.imgs[image_id]["file_name"]
         try:

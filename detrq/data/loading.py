@@ -11,13 +11,21 @@ from torch import nn
 
 from detrq.data.coco import CocoDetection, EvalTransform, collate
 
+# Evaluation sets up to this size (float32 pixels at most) are held in memory after their first pass.
+KEEP_IN_MEMORY_BYTES = 1 << 30
+
 
 def eval_dataset(model: nn.Module, root: str | Path, split: str, max_images: int | None = None,
                  image_ids: list[int] | None = None) -> CocoDetection:
     """A split with the model's evaluation size policy (a DETR's ``cfg``; also used for the Hessian images: no
-    augmentation), validated (``data.validate``), its category ids against the model's classes too."""
-    return CocoDetection(root, split, EvalTransform(model.cfg.min_size, model.cfg.max_size), image_ids=image_ids,
-                         max_images=max_images, num_classes=model.cfg.num_classes)
+    augmentation), validated (``data.validate``), its category ids against the model's classes too. The
+    transformed images are kept in memory when they fit in ``KEEP_IN_MEMORY_BYTES`` (at most max_size² pixels
+    each): every evaluation of the embedded default then decodes each image once."""
+    dataset = CocoDetection(root, split, EvalTransform(model.cfg.min_size, model.cfg.max_size), image_ids=image_ids,
+                            max_images=max_images, num_classes=model.cfg.num_classes)
+    if len(dataset) * 3 * model.cfg.max_size ** 2 * 4 <= KEEP_IN_MEMORY_BYTES:
+        dataset.hold_in_memory()
+    return dataset
 
 
 def hessian_batches(dataset: CocoDetection, batch_size: int, device: str = "cpu") -> list[tuple[list, list]]:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from detrq.io.errors import DetrqError
 from detrq.io.results import write_json_atomic
+from detrq.parallel.pool import given, run_jobs
 
 # Bump whenever a change alters any pixel or annotation, so a stored dataset can be told apart.
 GENERATOR_VERSION = "detrq-synthetic-1"
@@ -363,10 +364,32 @@ def _render_image(
     return np.clip(img, 0, 255).astype(np.uint8), placed, n - len(placed)
 
 
+_CHUNK = 100  # images per job of a worker process
+
+
+def _file_name(image_id: int) -> str:
+    return f"{image_id:012d}.png"
+
+
+def _render_chunk(context: tuple, indices: range) -> list[tuple[list[tuple[int, list[float], float]], int]]:
+    """Images ``indices`` of a split written into its folder; per image its objects (category id, bbox, area)
+    and its number of dropped objects. Image i draws from its own generator, so any split of the work into
+    chunks and processes writes the same bytes."""
+    folder, seed, split, spec, plan = context
+    out = []
+    for i in indices:
+        pixels, objects, n_dropped = _render_image(np.random.default_rng([seed, SPLIT_CODES[split], i]), spec, plan)
+        # Fixed options and no text chunks: the bytes depend only on the pixels (and Pillow's zlib).
+        Image.fromarray(pixels, "RGB").save(folder / _file_name(i + 1), format="PNG", compress_level=1)
+        out.append(([(o.category_id, o.bbox, o.area) for o in objects], n_dropped))
+    return out
+
+
 def _write_split(
-    out: Path, split: str, n: int, seed: int, spec: SyntheticSpec, plan: _SizePlan, progress: bool
+    out: Path, split: str, n: int, seed: int, spec: SyntheticSpec, plan: _SizePlan, progress: bool, workers: int
 ) -> dict[str, Any]:
-    """Render one split into ``OUT/.tmp_<split>``, swap it in, then write its JSON; return its summary.
+    """Render one split into ``OUT/.tmp_<split>`` (in ``workers`` processes), swap it in, then write its JSON;
+    return its summary.
 
     The JSON is the completion marker: it is removed before the image folder is swapped and written
     last, so an interruption at any point never leaves a split whose JSON and images disagree.
@@ -379,19 +402,24 @@ def _write_split(
     images, annotations, dropped = [], [], 0
     per_class = {c["name"]: 0 for c in cats}
     per_area = {r: 0 for r in AREA_RANGES}
-    for i in tqdm(range(n), desc=f"synthetic {split}", unit="img", disable=not progress):
-        pixels, objects, n_dropped = _render_image(np.random.default_rng([seed, SPLIT_CODES[split], i]), spec, plan)
+    context = (tmp, seed, split, spec, plan)
+    chunks = [range(k, min(n, k + _CHUNK)) for k in range(0, n, _CHUNK)]
+    if workers > 1 and len(chunks) > 1:
+        rendered = run_jobs(workers, given, context, _render_chunk, chunks, desc=f"synthetic {split}",
+                            unit=f"{_CHUNK} img", progress=progress)
+    else:
+        rendered = [_render_chunk(context, c) for c in tqdm(chunks, desc=f"synthetic {split}",
+                                                            unit=f"{_CHUNK} img", disable=not progress)]
+    for i, (objects, n_dropped) in enumerate(item for chunk in rendered for item in chunk):
         image_id = i + 1
-        file_name = f"{image_id:012d}.png"
-        # Fixed options and no text chunks: the bytes depend only on the pixels (and Pillow's zlib).
-        Image.fromarray(pixels, "RGB").save(tmp / file_name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "width": spec.image_size, "height": spec.image_size})
+        images.append({"id": image_id, "file_name": _file_name(image_id), "width": spec.image_size,
+                       "height": spec.image_size})
         dropped += n_dropped
-        for obj in objects:
-            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": obj.category_id}
-            annotations.append({**ann, "bbox": obj.bbox, "area": obj.area, "iscrowd": 0})
-            per_class[cats[obj.category_id - 1]["name"]] += 1
-            per_area[area_range(obj.area)] += 1
+        for category_id, bbox, area in objects:
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id}
+            annotations.append({**ann, "bbox": bbox, "area": area, "iscrowd": 0})
+            per_class[cats[category_id - 1]["name"]] += 1
+            per_area[area_range(area)] += 1
     coco = {
         "info": {
             "description": "detrq synthetic shapes: 5 shapes x 2 colours on textured, noisy backgrounds",
@@ -426,13 +454,14 @@ def make_dataset(
     seed: int = 0,
     spec: SyntheticSpec = SyntheticSpec(),
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write the synthetic dataset in COCO layout under ``out`` and return a summary of what was written.
 
     The same (seed, spec) gives byte-identical files. An existing split under ``out`` is replaced only
     once its new images are complete. The summary has, per split, the numbers of images, annotations and
     dropped objects (sampled but not placeable within the overlap limits), and counts per class and per
-    COCO area range.
+    COCO area range. ``workers`` processes render the images side by side: the files are the same bytes.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -444,5 +473,6 @@ def make_dataset(
     if not isinstance(spec, SyntheticSpec):
         raise DetrqError(f"spec must be a SyntheticSpec, got {type(spec).__name__}")
     plan = _size_plan(spec)
-    splits = {s: _write_split(out, s, n, seed, spec, plan, progress) for s, n in (("train", n_train), ("val", n_val))}
+    splits = {s: _write_split(out, s, n, seed, spec, plan, progress, workers)
+              for s, n in (("train", n_train), ("val", n_val))}
     return {"out": str(out), "seed": seed, "generator": GENERATOR_VERSION, "splits": splits}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from detrq.io.errors import DetrqError
 from detrq.io.results import atomic_output
+from detrq.parallel.pool import given, run_jobs
 
 # Arrays of a detections file, with the dtype each is stored in (float64: exact for Python floats).
 _DETECTION_ARRAYS = {"image_id": np.int64, "category_id": np.int64, "bbox": np.float64, "score": np.float64}
@@ -230,6 +231,7 @@ def paired_bootstrap(
     seed: int = 0,
     level: float = 0.95,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Paired bootstrap CIs of ΔAP = AP(a) − AP(b) for each ``(a, b)`` in ``pairs``, over ``image_ids``.
 
@@ -246,6 +248,9 @@ def paired_bootstrap(
     ..., "labels": {label: {"ap", "low", "high", "se", ...}}}``: "delta"/"ap" on the full image set, "low"/
     "high" the percentile CI at ``level``, "se" the std of the bootstrap values, "p_le_0" the fraction of
     bootstrap deltas <= 0.
+
+    ``workers`` > 1 scores the labels side by side in that many processes (``parallel.pool``): the same numbers,
+    each label's resamples being computed exactly as in one process.
     """
     if not 0 < level < 1:
         raise DetrqError(f"level must be in (0, 1), got {level}")
@@ -259,17 +264,17 @@ def paired_bootstrap(
             if label not in detections:
                 raise DetrqError(f"pair ({a!r}, {b!r}) names {label!r}, which has no detections; "
                                  f"labels: {sorted(detections)}")
-    evals = {label: image_eval(coco_gt, dets, image_ids) for label, dets in detections.items()}
     n_img = len(image_ids)
-    full = {label: weighted_ap(ev) for label, ev in evals.items()}
-    for label, ap in full.items():
-        if np.isnan(ap):
-            raise DetrqError("no ground truth in image_ids: AP is undefined, nothing to bootstrap")
-    weights = resample_weights(n_img, n_boot, seed)
-    boot = {label: np.empty(n_boot) for label in evals}
-    for r in tqdm(range(n_boot), desc="bootstrap", unit="resample", disable=not progress):
-        for label, ev in evals.items():
-            boot[label][r] = weighted_ap(ev, weights[r])
+    context = (coco_gt, list(image_ids), resample_weights(n_img, n_boot, seed))
+    labels = list(detections)
+    if workers > 1:
+        scored = run_jobs(workers, given, context, _label_values, [detections[k] for k in labels],
+                          desc="bootstrap", unit="label", progress=progress)
+    else:
+        scored = [_label_values(context, detections[k])
+                  for k in tqdm(labels, desc="bootstrap", unit="label", disable=not progress)]
+    full = {label: ap for label, (ap, _) in zip(labels, scored)}
+    boot = {label: values for label, (_, values) in zip(labels, scored)}
     if any(np.isnan(v).any() for v in boot.values()):
         raise DetrqError(f"some resamples of the {n_img} images hold no ground truth: too few images with "
                          f"ground truth to bootstrap")
@@ -285,5 +290,16 @@ def paired_bootstrap(
         deltas = boot[a] - boot[b]
         out[f"{a}|{b}"] = {"delta": full[a] - full[b], **summary(deltas),
                            "p_le_0": float(np.mean(deltas <= 0)), **common}
-    out["labels"] = {label: {"ap": full[label], **summary(boot[label]), **common} for label in evals}
+    out["labels"] = {label: {"ap": full[label], **summary(boot[label]), **common} for label in labels}
     return out
+
+
+def _label_values(context: tuple[COCO, list[int], np.ndarray], detections: Sequence[dict[str, Any]]
+                  ) -> tuple[float, np.ndarray]:
+    """One label's AP on all images and on each resample (the rows of the weights in ``context``)."""
+    coco_gt, image_ids, weights = context
+    ev = image_eval(coco_gt, detections, image_ids)
+    full = weighted_ap(ev)
+    if np.isnan(full):
+        raise DetrqError("no ground truth in image_ids: AP is undefined, nothing to bootstrap")
+    return full, np.array([weighted_ap(ev, w) for w in weights])

@@ -31,6 +31,19 @@ from torch import nn
 from detrq.io.errors import DetrqError
 
 
+def phase_printer(label: str, enabled: bool) -> Callable[[str], None]:
+    """``say(what)``: one stderr line as each phase of a run starts, with the seconds so far (``enabled`` only), so
+    that the console is never silent for long: the calibration, the latency runs and each peak-memory process of the
+    R50-FPN take minutes."""
+    start = time.perf_counter()
+
+    def say(what: str) -> None:
+        if enabled:
+            print(f"{label}: {what} [{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+
+    return say
+
+
 def serialized_size(model: nn.Module) -> int:
     """Bytes of the model's state dict as ``torch.save`` writes it."""
     buf = io.BytesIO()

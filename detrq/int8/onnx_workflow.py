@@ -8,6 +8,10 @@ float-vs-int8 maps from onnxruntime's intermediate outputs (``onnx_layers``; the
 of the outputs: detections and COCO AP where the outputs decode (``yolo_decode``), else the raw outputs only. The
 results file and the int8 ONNX file are written only once everything has run, each atomically: a failed run leaves
 earlier results as they were.
+
+Notebook 06's ONNX section runs ``onnx_stock``'s models, kept in ``stock_onnx_dir``, through ``run_stock_onnx_int8``
+(a cache hit on the results file and figures alone, as on a fresh clone without the gitignored .onnx files; else
+export and ``run_onnx_int8``) and renders ``onnx_markdown`` and ``onnx_summary``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from detrq.evaluation.evaluate import coco_metrics
 from detrq.int8 import calibration as cal
 from detrq.int8.detect import coco_detections, detection_agreement, paired_scores
-from detrq.int8.measure import paired_latency, peak_memory
+from detrq.int8.measure import paired_latency, peak_memory, phase_printer
 from detrq.int8.onnx_layers import layer_diffs, sqnr_db
 from detrq.int8.onnx_model import ImageInput, image_input, load_onnx, profile_ops, run, session
 from detrq.int8.onnx_quantize import quantize_onnx, quantized_fraction
@@ -35,7 +39,7 @@ from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import results_file
 from detrq.io.paths import PROJECT_ROOT, repo_relative, resolve_path
-from detrq.io.results import atomic_output, cpu_record, environment, sha256_file, write_json_atomic
+from detrq.io.results import atomic_output, cpu_record, environment, read_json, sha256_file, write_json_atomic
 
 _PATH_FIELDS = ("onnx", "coco", "images", "figures", "out", "int8_out")
 DEFAULT_SIZE = 640  # input size where the model leaves it dynamic: the common YOLO export's
@@ -149,25 +153,62 @@ def _cache_key(cfg: OnnxRunConfig, model_sha: str, annotations: Path | None) -> 
                      val=sha256_file(annotations) if annotations is not None and annotations.is_file() else None)
 
 
-def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True) -> dict[str, Any]:
-    """Quantize the ONNX file ``cfg.onnx``, measure, write the results JSON, the int8 ONNX file and (if asked) the
-    figures; returns the record. With ``reuse``, a results file with the same inputs is returned as it is.
-    Relative paths are from the repository root (``resolve_path``), as in the notebook."""
+def _located(cfg: OnnxRunConfig) -> tuple[OnnxRunConfig, Path, Path, Path, Path | None]:
+    """``cfg`` with its paths resolved from the repository root (``resolve_path``), the float model, the results
+    file, the int8 model and the evaluation annotations (None without COCO)."""
     cfg = dataclasses.replace(cfg, **{k: str(resolve_path(getattr(cfg, k))) for k in _PATH_FIELDS
                                       if getattr(cfg, k) is not None})
     src = Path(cfg.onnx)
+    out = Path(cfg.out) if cfg.out else results_file(PROJECT_ROOT / "results", f"int8_{src.stem}_onnx.json")
+    int8_path = Path(cfg.int8_out) if cfg.int8_out else src.with_name(f"{src.stem}_int8.onnx")
+    annotations = Path(cfg.coco) / "annotations" / f"instances_{cfg.eval_split}.json" if cfg.coco else None
+    return cfg, src, out, int8_path, annotations
+
+
+def cached_onnx_record(cfg: OnnxRunConfig, require_model: bool = True) -> dict[str, Any] | None:
+    """The results file of ``cfg`` if it was made with the same settings, calibration/evaluation annotations and
+    float model, and holds the figures where ``cfg.figures`` asks for them; else None.
+
+    ``require_model`` (the CLI): the float and the int8 ONNX files must be there, and the float file's SHA-256 is
+    the model's. Without it (the notebook): neither file is needed, since a fresh clone has the committed results
+    and figures but not the gitignored .onnx files; where the float file is absent, the model is the one the results
+    file records (``onnx_sha256``): the stock models are named, and the bytes of a re-export do not decide, since they
+    depend on the thread count (BN statistics summed in another order) and may on the CPU."""
+    cfg, src, out, int8_path, annotations = _located(cfg)
+    if src.is_file():
+        model_sha = sha256_file(src)
+    elif require_model or not out.is_file():
+        return None
+    else:
+        try:
+            model_sha = read_json(out).get("onnx_sha256")
+        except (DetrqError, AttributeError):
+            return None
+    cached = load_cached(out, _cache_key(cfg, model_sha, annotations))
+    if cached is None or (require_model and not int8_path.is_file()):
+        return None
+    if cfg.figures is not None and not all((Path(cfg.figures) / f).is_file() for f in cached["activations"]["figures"]):
+        return None
+    return cached
+
+
+def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True, require_model: bool = True, progress: bool = False
+                  ) -> dict[str, Any]:
+    """Quantize the ONNX file ``cfg.onnx``, measure, write the results JSON, the int8 ONNX file and (if asked) the
+    figures; returns the record. With ``reuse``, a results file with the same inputs (and the figures, if asked) is
+    returned as it is (``cached_onnx_record``): where the int8 ONNX file is there too, or, if ``require_model`` is
+    False, with no .onnx file needed at all. Relative paths are from the repository root (``resolve_path``), as in
+    the notebook. ``progress`` prints a line to stderr as each phase starts."""
+    cached = cached_onnx_record(cfg, require_model) if reuse else None
+    if cached is not None:
+        return cached
+    cfg, src, out, int8_path, annotations = _located(cfg)
+    say = phase_printer(f"int8 {src.stem} onnx", progress)  # from the first phase past the input checks
     model = load_onnx(src)
     inp = image_input(model, cfg.layout)
     stem = src.stem
-    out = Path(cfg.out) if cfg.out else results_file(PROJECT_ROOT / "results", f"int8_{stem}_onnx.json")
-    int8_path = Path(cfg.int8_out) if cfg.int8_out else src.with_name(f"{stem}_int8.onnx")
     model_sha = sha256_file(src)
-    key = _cache_key(cfg, model_sha, Path(cfg.coco) / "annotations" / f"instances_{cfg.eval_split}.json"
-                     if cfg.coco else None)
-    cached = load_cached(out, key) if reuse else None
-    if cached is not None and int8_path.is_file() and (cfg.figures is None or all(
-            (Path(cfg.figures) / f).is_file() for f in cached["activations"]["figures"])):
-        return cached
+    key = _cache_key(cfg, model_sha, annotations)
     if cfg.latency_images < 1:
         raise DetrqError(f"latency_images must be at least 1, got {cfg.latency_images}")
     torch.set_num_threads(cfg.threads)
@@ -180,15 +221,18 @@ def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True) -> dict[str, Any]:
     calib = cal.batches(calib_set.paths, pp, batch, fixed)
     sess_f = session(model, cfg.threads)
     run(sess_f, {inp.name: calib[0]})  # a model onnxruntime cannot run fails here, before calibrating
+    say(f"onnxruntime's static quantization, calibrated on {len(calib_set.paths)} images")
     int8_bytes, float_part = quantize_onnx(model, calib, inp.name)
     int8_model = onnx.load_from_string(int8_bytes)
     sess_q = session(int8_bytes, cfg.threads)
     out_names = [o.name for o in sess_f.get_outputs()]
 
+    say(f"float and int8 outputs on {len(eval_set)} images")
     f_outs, placements = _outputs(sess_f, inp.name, eval_set, pp, batch, fixed)
     q_outs, _ = _outputs(sess_q, inp.name, eval_set, pp, batch, fixed)
     agreement, dets = _agreement(cfg, out_names, f_outs, q_outs, placements, eval_set)
 
+    say(f"paired latency ({cfg.latency_repeats} runs), operator profiles, per-layer maps")
     lat_batch = batch if fixed else 1
     lat_x = [cal.load_batch(eval_set.paths[i:i + lat_batch], pp)[0]
              for i in range(0, min(cfg.latency_images, len(eval_set) // lat_batch * lat_batch), lat_batch)]
@@ -208,6 +252,7 @@ def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_int8 = Path(tmp) / "int8.onnx"
         tmp_int8.write_bytes(int8_bytes)
+        say("peak memory, a fresh process per batch size")
         memory = _peak_memory(cfg, src, tmp_int8, inp, (h, w))
         record = {
             "model": stem,
@@ -247,7 +292,38 @@ def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True) -> dict[str, Any]:
     with atomic_output(int8_path) as tmp:
         tmp.write_bytes(int8_bytes)
     write_json_atomic(out, record)
+    say(f"done: {repo_relative(out)}")
     return record
+
+
+def stock_onnx_dir(results_dir: str | Path) -> Path:
+    """Where notebook 06 keeps the stock ONNX models and their int8 files: ``onnx_models/`` beside ``results_dir``
+    (``runs/<run>/onnx_models`` for ``runs/<run>/results``; ``runs/onnx_models`` where ``results_dir`` sits at the
+    repository's top level), so that the .onnx files never enter the committed ``results/``."""
+    results = resolve_path(results_dir).resolve()
+    return (PROJECT_ROOT / "runs" if results.parent == PROJECT_ROOT.resolve() else results.parent) / "onnx_models"
+
+
+def run_stock_onnx_int8(name: str, cfg: OnnxRunConfig, reuse: bool = True, progress: bool = False
+                        ) -> dict[str, Any]:
+    """Notebook 06's run of ``onnx_stock``'s model ``name`` held at ``cfg.onnx``: the results file with the same
+    settings and its figures are reused with no .onnx file needed (``cached_onnx_record(require_model=False)``);
+    otherwise the model is exported to ``cfg.onnx`` where it is absent (``export_stock``, with ``cfg.threads`` torch
+    threads, BN recalibrated on ``cfg.coco``'s train images), then quantized and measured (``run_onnx_int8``)."""
+    cached = cached_onnx_record(cfg, require_model=False) if reuse else None
+    if cached is not None:
+        return cached
+    path = resolve_path(cfg.onnx)
+    if not path.is_file():
+        from detrq.int8.onnx_stock import export_stock  # torchvision's detection models: imported only here
+
+        if cfg.coco is None:
+            raise DetrqError(f"exporting the stock model {name!r} needs a COCO-format root (coco=) for its BN "
+                             "recalibration")
+        phase_printer(f"int8 {name} onnx", progress)("exporting it from torchvision, BN statistics recalibrated")
+        torch.set_num_threads(cfg.threads)  # the exported bytes depend on it (the BN statistics' float sums)
+        export_stock(name, path, cfg.coco)
+    return run_onnx_int8(cfg, reuse, require_model=False, progress=progress)
 
 
 def _quantized_parts(int8_model: onnx.ModelProto) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from detrq.int8 import plots
 from detrq.int8.data import detection_dataset
 from detrq.int8.detect import Detections, detection_agreement, evaluate_detector, paired_scores, run_detector
 from detrq.int8.detector import load_frcnn
-from detrq.int8.measure import paired_latency, peak_memory, serialized_size
+from detrq.int8.measure import paired_latency, peak_memory, phase_printer, serialized_size
 from detrq.int8.plan import DETECTOR_PARTS, quantization_plan
 from detrq.int8.quantize import BACKENDS, quantize_int8
 from detrq.int8.stages import compare_breakdowns, stage_breakdown
@@ -136,7 +137,7 @@ def _cache_key(cfg: Int8RunConfig, checkpoint_sha: str | None) -> str:
     return cache_key(settings=settings, checkpoint=checkpoint_sha, val=sha256_file(ann) if ann.is_file() else None)
 
 
-def _peak_memory(cfg: Int8RunConfig, image_size: int) -> dict[str, Any]:
+def _peak_memory(cfg: Int8RunConfig, image_size: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Peak RSS of float and int8 per batch size, each in a fresh subprocess; large batches at
     ``cfg.large_batch_image_size`` where set. Also records the image size each batch ran at."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OUTPUT_FIELDS}
@@ -147,9 +148,11 @@ def _peak_memory(cfg: Int8RunConfig, image_size: int) -> dict[str, Any]:
     detail: dict[str, dict[str, Any]] = {"float": {}, "int8": {}}
     for size, batches in groups.items():
         for name, quantized in (("float", False), ("int8", True)):
-            detail[name].update(peak_memory("detrq.int8.workflow:build_model",
-                                            {"config": {**config, "image_size": size}, "quantized": quantized},
-                                            "detector", batches, size, threads=cfg.threads))
+            for b in batches:  # one line per child process: each builds (and calibrates) the model afresh
+                say(f"peak memory of {name} at batch {b}, {size} px, in a fresh process")
+                detail[name].update(peak_memory("detrq.int8.workflow:build_model",
+                                                {"config": {**config, "image_size": size}, "quantized": quantized},
+                                                "detector", [b], size, threads=cfg.threads))
     return {"peak_memory_mb": {k: {b: v["peak_rss_mb"] for b, v in m.items()} for k, m in detail.items()},
             "peak_memory_image_size": {str(b): s for s, bs in groups.items() for b in bs},
             "peak_memory_detail": detail}
@@ -169,6 +172,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     torch.set_num_threads(cfg.threads)
     cfg = dataclasses.replace(cfg, **{k: str(resolve_path(getattr(cfg, k))) for k in _PATH_FIELDS
                                       if getattr(cfg, k) is not None})
+    say = phase_printer(f"int8 {cfg.model} {cfg.backend}", progress)  # from the first phase past the input checks
     fm = float_model(cfg)
     model, trained = fm.model, fm.checkpoint_sha256 is not None
     out = cfg.out or str(results_file(PROJECT_ROOT / "results", f"int8_{fm.name}_{cfg.backend}.json"))
@@ -180,10 +184,12 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
             return cached
     plan = quantization_plan(model, cfg.parts)
     val = detection_dataset(cfg.data, "val", fm.image_size, max_images=cfg.eval_images)
+    say(f"calibrating on {len(fm.calib)} images and converting to int8")
     t0 = time.perf_counter()
     qmodel = quantize_int8(model, fm.calib, cfg.backend, parts=plan.parts, compile=cfg.compile)
     quantize_s = time.perf_counter() - t0
 
+    say(f"{'AP' if trained else 'detections'}, float then int8, on {len(val)} val images")
     if trained:
         ev_f = evaluate_detector(model, val, progress=progress)
         ev_q = evaluate_detector(qmodel, val, progress=progress)
@@ -197,6 +203,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
               "AP_note": "random weights (torchvision's pretrained weights cannot be downloaded here): AP is "
                          "meaningless and not measured"}
     lat_images = [val[i][0] for i in range(cfg.latency_images)]
+    say(f"paired latency: {cfg.latency_repeats} runs of float and int8 on {cfg.latency_images} images, then per stage")
     latency = paired_latency(lambda: [model([im]) for im in lat_images], lambda: [qmodel([im]) for im in lat_images],
                              repeats=cfg.latency_repeats)
     latency = {"float_s_per_image": latency["float_s"] / cfg.latency_images,
@@ -204,7 +211,7 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
                "ratio": latency["ratio"], "ratio_iqr": latency["ratio_iqr"], "repeats": latency["repeats"],
                "images_per_run": cfg.latency_images, "image_size": fm.image_size}
     bd_f, bd_q = (stage_breakdown(m, lat_images, cfg.breakdown_repeats) for m in (model, qmodel))
-    memory = _peak_memory(cfg, fm.image_size)
+    memory = _peak_memory(cfg, fm.image_size, say)
 
     sizes = _size_report(model, qmodel)
     record = {
@@ -241,13 +248,16 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
         "cache_key": key,
     }
     if cfg.figures is not None:
+        say("float vs int8 activation figures")
         record["activations"] = activation_figures(model, qmodel, val[cfg.figure_image][0], dets_f, dets_q,
                                                    cfg.figures, "int8" if cfg.model == "narrow" else f"int8_{fm.name}")
     if cfg.backend == "onnxruntime":
         from detrq.int8.onnx_export import onnx_report
 
+        say("onnxruntime: the parts as ONNX graphs, their latency and agreement")
         record["onnx"] = onnx_report(model, qmodel, lat_images, cfg.latency_repeats)
     write_json_atomic(out, record)
+    say(f"done: {repo_relative(out)}")
     return record
 
 

@@ -19,6 +19,7 @@ no cache key holds a folder.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from detrq.io.errors import DetrqError
@@ -67,3 +68,29 @@ def kind_dir(results_dir: str | os.PathLike, kind: str) -> Path:
     if kind not in KINDS:
         raise DetrqError(f"unknown results kind {kind!r}; the kinds are {', '.join(KINDS)}")
     return Path(results_dir) / kind
+
+
+def fill_missing(folder: str | os.PathLike, source: str | os.PathLike) -> list[Path]:
+    """Copy into ``folder`` each entry of the results directory ``source`` that ``folder`` lacks, hidden entries and
+    the run-level files (``RUN_LEVEL``: reports, runtimes) excepted; returns the entries of ``source`` copied.
+
+    Nothing in ``folder`` is overwritten and ``source`` is only read. Each entry is copied under a temporary name
+    and renamed, so an interrupted fill leaves no half-copied entry and the next fill completes it."""
+    folder, source = Path(folder), Path(source)
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted(source.iterdir()) if source.is_dir() else []:
+        dest = folder / src.name
+        if src.name.startswith(".") or src.name.startswith(RUN_LEVEL) or dest.exists():
+            continue
+        tmp = folder / f".{src.name}.filling"
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+        copied.append(src)
+    return copied
+

@@ -27,7 +27,8 @@ BUG_LINE = "this is a bug in detrq"  # cli.guarded's last line after a traceback
 class Launch:
     """Where a step runs: ``nproc`` 1 in the calling process; more: that many torchrun ranks of the CLI, each
     loading ``preset`` from ``checkpoint`` with the size policy ``min_size``/``max_size`` on ``device`` (``cuda``:
-    one GPU per rank)."""
+    one GPU per rank). ``workers`` > 1 instead runs a step's independent jobs (evaluations, trace estimates) side
+    by side in that many processes of one thread each (``parallel.pool``), each loading the model the same way."""
 
     nproc: int = 1
     preset: str = "mini"
@@ -35,12 +36,18 @@ class Launch:
     min_size: int | None = None
     max_size: int | None = None
     device: str = "cpu"
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nproc, int) or self.nproc < 1:
-            raise DetrqError(f"nproc must be a whole number >= 1, got {self.nproc!r}")
-        if self.nproc > 1 and self.checkpoint is None:
-            raise DetrqError("nproc > 1 needs the checkpoint file: the ranks load the model themselves")
+        for name in ("nproc", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DetrqError(f"{name} must be a whole number >= 1, got {value!r}")
+        if max(self.nproc, self.workers) > 1 and self.checkpoint is None:
+            raise DetrqError("nproc > 1 and workers > 1 need the checkpoint file: the processes load the model "
+                             "themselves")
+        if self.nproc > 1 and self.workers > 1:
+            raise DetrqError("choose nproc (ranks share each step) or workers (steps side by side), not both")
 
     @property
     def sharded(self) -> bool:

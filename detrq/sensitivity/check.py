@@ -146,6 +146,23 @@ def rho_markdown(rows: Sequence[Mapping[str, Any]], truth: str, bits: Sequence[i
     return "\n".join(lines) + "\n"
 
 
+def subset_markdown(rows: Sequence[Mapping[str, Any]], truths: Sequence[str], policy: str, bits: int | None = 4
+                    ) -> str:
+    """A Markdown table of how an AP scan's size moves rho: one line per scheme, rho [interval] against each of
+    ``truths`` (the same AP drops measured on val subsets of growing size, named as ``rho_rows`` got them), and the
+    interval's width, which is what fewer images cost."""
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows if r["policy"] == policy))
+    lines = ["| scheme | " + " | ".join(truths) + " |", "|---|" + "---:|" * len(truths)]
+    for scheme in schemes:
+        cells = []
+        for truth in truths:
+            r = rho_lookup(rows, scheme, policy, truth, bits)
+            cells.append("-" if r is None else f"{r['rho']:.2f} [{r['low']:.2f}, {r['high']:.2f}] "
+                         f"(width {r['high'] - r['low']:.2f})")
+        lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def reference_point_check(measured: Mapping[str, Any], measured_8bit: Mapping[str, Any], *, n_boot: int = 2000,
                           seed: int = 0) -> dict[str, Any]:
     """How the 8-bit reference point (Out Sen Quant's) changes the measured per-layer costs: Spearman's rho of

@@ -39,15 +39,22 @@ def seed_stability(allocations: Sequence[Mapping[str, Mapping[float, Mapping[str
                    numel: Mapping[str, int]) -> dict[str, Any]:
     """The check over replicas: ``allocations[k]`` is ``{scheme: {target: allocation}}`` for probe seed k.
 
-    Returns ``{"schemes": {scheme: {target: {"min_agreement", "objective_spread", "objectives", "stable"}}},
-    "stable": {scheme: bool over all targets}, thresholds}``.
+    ``allocations[0]`` holds every scheme that got bit maps (``sources``, in order); a scheme that appears in every
+    replica is checked, one that appears only in the first is not: it is deterministic (``Scheme.stochastic``: no
+    probes, so another seed gives the same maps), or the run drew one probe seed only.
+
+    Returns ``{"schemes": {checked scheme: {target: {"min_agreement", "objective_spread", "objectives",
+    "stable"}}}, "stable": {checked scheme: bool over all targets}, "sources", "targets", "unchecked",
+    thresholds}``.
     """
-    if len(allocations) < 2:
-        raise DetrqError(f"the seed-stability check needs at least 2 probe seeds, got {len(allocations)}")
+    if not allocations or not allocations[0]:
+        raise DetrqError("the seed-stability check needs the bit maps of at least one scheme")
+    first = allocations[0]
+    checked = [s for s in first if len(allocations) > 1 and all(s in a for a in allocations[1:])]
     out: dict[str, Any] = {}
-    for scheme, by_target in allocations[0].items():
+    for scheme in checked:
         out[scheme] = {}
-        for target in by_target:
+        for target in first[scheme]:
             runs = [a[scheme][target] for a in allocations]
             agreement = min(bitmap_agreement(x["bit_map"], y["bit_map"], numel)
                             for x, y in itertools.combinations(runs, 2))
@@ -59,7 +66,9 @@ def seed_stability(allocations: Sequence[Mapping[str, Mapping[float, Mapping[str
                 "stable": agreement >= MIN_AGREEMENT and spread <= MAX_OBJECTIVE_SPREAD}
     return {"seeds": len(allocations), "min_agreement_required": MIN_AGREEMENT,
             "max_objective_spread": MAX_OBJECTIVE_SPREAD, "schemes": out,
-            "stable": {s: all(v["stable"] for v in t.values()) for s, t in out.items()}}
+            "stable": {s: all(v["stable"] for v in t.values()) for s, t in out.items()},
+            "sources": list(first), "targets": [f"{t:g}" for t in next(iter(first.values()))],
+            "unchecked": [s for s in first if s not in out]}
 
 
 def write_seed_stability(result: dict[str, Any], path: str | Path) -> Path:

@@ -177,7 +177,7 @@ def probe_loop(draw: Callable[[int, torch.Generator], Tensor], names: list[str],
     samples: list[list[float]] = [[] for _ in names]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(total=settings.max_probes, desc=desc, unit="probe")
     estimates: dict[str, TraceEstimate] = {}
@@ -206,7 +206,7 @@ def _fisher(objective: Objective, names: list[str], tensors: list[Tensor], numel
         raise DetrqError("the empirical Fisher needs one image per item with equal weights")
     items = [objective.items[i] for i in objective.mine]
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         items = tqdm(items, desc="fisher (per image)", unit="image")
     samples: list[list[float]] = [[] for _ in names]

@@ -57,6 +57,7 @@ class _Site:
     change of one input under a weight change. ``weight_is_output``: the weight is read whole (the object queries)."""
 
     delta: Callable[[Tensor, Tensor], Tensor]
+    out_dim: int = -1  # the output's channel dimension, where ``delta`` of weight changes stacked by rows lands
     weight_is_output: bool = False
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
@@ -131,10 +132,11 @@ def _sites(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, _Site], li
         if in_attention:
             sites[name] = _Site(F.linear)  # the attention's own hook fills it (below)
         elif isinstance(module, (nn.Conv2d, nn.Linear)) and attr == "weight":
-            sites[name] = _Site(_conv_delta(module) if isinstance(module, nn.Conv2d) else F.linear)
+            conv = isinstance(module, nn.Conv2d)
+            sites[name] = _Site(_conv_delta(module) if conv else F.linear, out_dim=1 if conv else -1)
             handles.append(module.register_forward_hook(_module_hook(sites[name])))
         elif isinstance(module, nn.Embedding) and attr == "weight":
-            sites[name] = _Site(lambda x, dw: dw, weight_is_output=True)
+            sites[name] = _Site(lambda x, dw: dw, out_dim=0, weight_is_output=True)
         else:
             raise DetrqError(f"layer {name!r} ({type(module).__name__}.{attr}) has no ModelOpt score here: only "
                              "Conv2d, Linear, MultiheadAttention and Embedding weights")
@@ -160,9 +162,10 @@ def modelopt_scores(model: nn.Module, batches: Iterable[Batch], bits: Iterable[i
     with tracing(model, names) as params:
         # Each weight's error at each width, once: the quantizer's, as the ILP will apply it.
         errors = {n: {b: quantizer.quantize(n, p.detach(), b) - p.detach() for b in bits} for n, p in params.items()}
+        stacked = {n: torch.cat([by_bits[b] for b in bits]) for n, by_bits in errors.items()}
         sites, handles = _sites(model, names)
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             items = tqdm(items, desc="modelopt (per image)", unit="image")
         try:
@@ -174,18 +177,22 @@ def modelopt_scores(model: nn.Module, batches: Iterable[Batch], bits: Iterable[i
                 loss = weighted_loss(criterion(model(images), targets), criterion.weight_dict)
                 order = [(n, i) for n, site in sites.items() for i in range(len(site.outputs))]
                 grads = torch.autograd.grad(loss, [sites[n].outputs[i] for n, i in order], allow_unused=True)
-                score = {n: dict.fromkeys(bits, 0.0) for n in names}
+                score = {n: torch.zeros(len(bits), dtype=torch.float64) for n in names}
                 with torch.no_grad():
                     for (n, i), g in zip(order, grads):
                         if g is None:  # this output does not reach the loss
                             continue
-                        site, g2 = sites[n], g.double().pow(2)
-                        for b in bits:
-                            dw = errors[n][b] if site.rows[i] is None else errors[n][b][site.rows[i]]
-                            score[n][b] += (g2 * site.delta(site.inputs[i], dw).double().pow(2)).sum().item()
+                        site = sites[n]
+                        # Every width's output change in one call: the weight errors stacked along the output rows.
+                        dw = stacked[n] if site.rows[i] is None else torch.cat(
+                            [errors[n][b][site.rows[i]] for b in bits])
+                        dim = site.out_dim % g.dim()
+                        dy = site.delta(site.inputs[i], dw).unflatten(dim, (len(bits), g.shape[dim]))
+                        per_bits = (g.double().pow(2).unsqueeze(dim) * dy.double().pow(2)).movedim(dim, 0)
+                        score[n] += per_bits.reshape(len(bits), -1).sum(1).cpu()
                 for n in names:
-                    for b in bits:
-                        samples[n][b].append(score[n][b])
+                    for b, v in zip(bits, score[n].tolist()):
+                        samples[n][b].append(v)
         finally:
             for h in handles:
                 h.remove()

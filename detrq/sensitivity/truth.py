@@ -21,6 +21,7 @@ also leaves the encoder memory unchanged: both are computed once at the referenc
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -53,6 +54,8 @@ MAX_CACHED_IMAGES = 1000
 # The keys of measure_layer_costs' per-(layer, bits) entries and of the AP section, for measured_table.
 COST_KEYS = ("rise", "kl", "l1")
 AP_KEYS = ("ap", "ap_drop")
+# Seed of the val sample of an AP scan on a subset (``MeasureSettings.ap_images``).
+AP_SUBSET_SEED = 0
 # Where the pipeline keeps the measured costs at a float reference (Measured Sen, notebook 05) in a results dir.
 MEASURED_FILE = "measured_costs.json"
 
@@ -97,6 +100,7 @@ class MeasureSettings:
     reference_bits: int | None = None  # None: the other layers in float; 8: at uniform 8 bits (Out Sen Quant)
     batch_size: int = 50  # Hessian images per forward pass
     ap_batch_size: int = 8  # val images per forward pass (padding depends on it, so it is part of the AP)
+    ap_images: int | None = None  # val images of the AP scan: a seeded sample of this many (``ap_subset``); None: all
 
     def __post_init__(self) -> None:
         widths = [*self.bits, *self.ap_bits, *([] if self.reference_bits is None else [self.reference_bits])]
@@ -106,6 +110,8 @@ class MeasureSettings:
                                  f"got {b!r}")
         if not self.bits:
             raise DetrqError("MeasureSettings: bits is empty; give at least one bit width to measure")
+        if self.ap_images is not None and self.ap_images < 1:
+            raise DetrqError(f"MeasureSettings: ap_images must be at least 1 or None (all), got {self.ap_images}")
         if self.batch_size < 1 or self.ap_batch_size < 1:
             raise DetrqError(f"MeasureSettings: batch sizes must be at least 1, got {self.batch_size} and "
                              f"{self.ap_batch_size}")
@@ -123,7 +129,7 @@ def _layer_names(model: DETR, layers: Iterable[str] | None) -> list[str]:
 def _progress(items: Sequence[str], desc: str, enabled: bool) -> Iterable[str]:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="layer")
 
@@ -207,6 +213,15 @@ def measure_layer_costs(model: DETR, batches: Sequence[Batch], settings: Measure
 
 
 @torch.no_grad()
+def ap_subset(ids: Sequence[int], n: int | None, seed: int = AP_SUBSET_SEED) -> list[int]:
+    """The val images of an AP scan on ``n`` of ``ids``: a uniform sample drawn with ``seed``, in id order (all of
+    them when ``n`` is None or not smaller)."""
+    ids = sorted(int(i) for i in ids)
+    if n is None or n >= len(ids):
+        return ids
+    return sorted(random.Random(seed).sample(ids, n))
+
+
 def measure_ap_drops(model: DETR, dataset: CocoDetection, settings: MeasureSettings = MeasureSettings(), *,
                      layers: Iterable[str] | None = None, batch_size: int = 8, progress: bool = False
                      ) -> dict[str, Any]:
@@ -340,13 +355,19 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
 
     image_ids = [int(i) for i in image_ids]
     subset = eval_dataset(model, root, split, image_ids=image_ids)
-    eval_set = eval_dataset(model, root, eval_split) if settings.ap_bits else None
+    eval_set = None
+    if settings.ap_bits:
+        eval_set = eval_dataset(model, root, eval_split)
+        if settings.ap_images is not None:
+            eval_set = eval_dataset(model, root, eval_split, image_ids=ap_subset(eval_set.ids, settings.ap_images))
     layer_names = list(quantizable_layers(model))
     eval_part = None if eval_set is None else {
         "split": eval_split, "images": eval_set.ids,
         "annotations": sha256_file(eval_set.root / "annotations" / f"instances_{eval_split}.json")}
     # As JSON holds them (tuples become lists), so that a fresh result equals the file a cache hit returns.
     settings_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+    if settings.ap_images is None:  # all val images: out of the key, as before the subset existed
+        del settings_dict["ap_images"]
     # Eq. (6) stays out of the key and the file, so that the measured costs made before quantizers existed
     # keep their keys.
     extra = {} if quantizer.name == "eq6" else {"quantizer": quantizer.key}

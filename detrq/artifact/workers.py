@@ -1,0 +1,158 @@
+"""Pipeline steps whose jobs run side by side: a ``Launch`` with ``workers`` > 1 computes the uncached evaluations
+and trace estimates of a step in that many processes (``parallel.pool``: one thread each), and the step then reads
+them as cache hits.
+
+Each job is the pipeline's own call (``run_evaluation``, ``run_traces``) writing the file it always writes, so the
+files, their keys and the later cache hits are those of a run in one process; only the thread count of the
+arithmetic differs (one per job), which moves floats in their last digits at most. Jobs with the same cache key run
+once: the others become copies (``pipeline.run_evaluation``'s twins). A step with fewer than two jobs to run, or a
+``Launch`` with one worker, computes in the calling process as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detrq.artifact.pipeline import (Scheme, evaluation_folders, evaluation_key, run_all_traces, run_evaluation,
+                                     run_traces, serves, traces_key, traces_path)
+from detrq.data.coco import CocoDetection
+from detrq.data.loading import eval_dataset
+from detrq.io.cache import cache_key, keys_in, load_cached
+from detrq.io.errors import DetrqError
+from detrq.models.detr import DETR
+from detrq.models.loading import load_model
+from detrq.parallel.launch import Launch
+from detrq.parallel.pool import run_jobs
+from detrq.quant.quantizers import EQ6, WeightQuantizer
+from detrq.sensitivity import FIRST_ORDER, TraceSettings
+from detrq.sensitivity.modelopt import MODELOPT
+from detrq.sensitivity.trace_checks import check_traces
+
+
+@dataclass(frozen=True)
+class EvaluationJob:
+    """One ``run_evaluation`` of a step: ``bit_map`` applied by ``quantizer``, cached in ``out``."""
+
+    bit_map: dict[str, int]
+    out: Path
+    label: str | None = None
+    keep_detections: bool = False
+    quantizer: WeightQuantizer = EQ6
+
+
+def run_evaluations(model: DETR, checkpoint_sha: str, dataset: CocoDetection, jobs: Sequence[EvaluationJob], *,
+                    batch_size: int, device: str = "cpu", launch: Launch = Launch(), progress: bool = False
+                    ) -> list[dict[str, Any]]:
+    """``run_evaluation`` of every job, in order; with ``launch.workers`` > 1 the uncached ones run side by side
+    first. Torchrun ranks (``launch.nproc`` > 1) apply Eq. (6) only: other quantizers evaluate here."""
+    if launch.workers > 1:
+        _evaluate_side_by_side(checkpoint_sha, dataset, jobs, batch_size, launch, progress)
+    return [run_evaluation(model, checkpoint_sha, dataset, job.bit_map, job.out, batch_size=batch_size, device=device,
+                           progress=progress, label=job.label, keep_detections=job.keep_detections,
+                           quantizer=job.quantizer, launch=launch if job.quantizer.name == EQ6.name else Launch())
+            for job in jobs]
+
+
+def _evaluate_side_by_side(checkpoint_sha: str, dataset: CocoDetection, jobs: Sequence[EvaluationJob],
+                           batch_size: int, launch: Launch, progress: bool) -> None:
+    known: dict[Path, dict[str, Path]] = {}  # per results folder: the keys its evaluation files hold
+    todo: dict[str, EvaluationJob] = {}
+    for job in jobs:
+        key = evaluation_key(checkpoint_sha, dataset, job.bit_map, batch_size, job.quantizer)
+        folders = evaluation_folders(job.out)
+        if folders[0] not in known:
+            known[folders[0]] = keys_in(folders)
+        twin = known[folders[0]].get(key)
+        if not any(f is not None and serves(f, job.keep_detections)
+                   for f in (job.out if load_cached(job.out, key) else None, twin)):
+            first = todo.setdefault(key, job)  # a twin of an earlier job is copied after it, detections included
+            if job.keep_detections and not first.keep_detections:
+                todo[key] = EvaluationJob(first.bit_map, first.out, first.label, True, first.quantizer)
+    if len(todo) < 2:
+        return
+    # Each quantizer travels once per worker (GPTQ's with its Hessians and the codes it has memoised).
+    quantizers = {cache_key(quantizer=job.quantizer.key): job.quantizer for job in todo.values()}
+    items = [(job.bit_map, str(job.out), job.label, job.keep_detections, cache_key(quantizer=job.quantizer.key))
+             for job in todo.values()]
+    run_jobs(launch.workers, _evaluation_worker, (launch, checkpoint_sha, str(dataset.root), dataset.split,
+                                                  list(dataset.ids), batch_size, quantizers),
+             _evaluate_job, items, desc="evaluations", unit="eval", progress=progress)
+
+
+def _worker_model(launch: Launch, checkpoint_sha: str) -> DETR:
+    model, sha = load_model(launch.preset, launch.checkpoint, launch.device, min_size=launch.min_size,
+                            max_size=launch.max_size)
+    if sha != checkpoint_sha:
+        raise DetrqError(f"a worker loaded another checkpoint ({sha[:12]}) than the step's ({checkpoint_sha[:12]}): "
+                         "was the checkpoint file replaced during the run?")
+    return model
+
+
+def _evaluation_worker(launch: Launch, checkpoint_sha: str, root: str, split: str, image_ids: list[int],
+                       batch_size: int, quantizers: dict[str, WeightQuantizer]) -> tuple:
+    model = _worker_model(launch, checkpoint_sha)
+    dataset = eval_dataset(model, root, split, image_ids=image_ids)
+    return model, checkpoint_sha, dataset, batch_size, launch.device, quantizers
+
+
+def _evaluate_job(context: tuple, item: tuple) -> None:
+    model, sha, dataset, batch_size, device, quantizers = context
+    bit_map, out, label, keep_detections, quantizer = item
+    run_evaluation(model, sha, dataset, bit_map, out, batch_size=batch_size, device=device, progress=False,
+                   label=label, keep_detections=keep_detections, quantizer=quantizers[quantizer])
+
+
+def run_scheme_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
+                      settings: TraceSettings, schemes: Sequence[Scheme], *, seeds: int = 1, device: str = "cpu",
+                      launch: Launch = Launch(), progress: bool = False) -> list[dict[str, dict[str, Any]]]:
+    """``pipeline.run_all_traces`` for probe seeds ``settings.seed + k``, k < ``seeds`` (k > 0: the stochastic
+    schemes' replicas); one ``{scheme name: result}`` per seed. With ``launch.workers`` > 1 the uncached estimates
+    run side by side first, the longest first."""
+    if launch.workers > 1:
+        _traces_side_by_side(model, checkpoint_sha, root, split, results_dir, settings, schemes, seeds, launch,
+                             progress)
+    return [run_all_traces(model, checkpoint_sha, root, split, results_dir, settings, schemes, replica=k,
+                           device=device, progress=progress, launch=Launch() if launch.workers > 1 else launch)
+            for k in range(seeds)]
+
+
+def _traces_side_by_side(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
+                         settings: TraceSettings, schemes: Sequence[Scheme], seeds: int, launch: Launch,
+                         progress: bool) -> None:
+    full = eval_dataset(model, root, split)
+    items = []
+    for k in range(seeds):
+        for s in schemes:
+            if k and not s.stochastic:
+                continue
+            out, scheme_settings = traces_path(results_dir, s.name, k), s.settings(settings, k)
+            key, _ = traces_key(model, checkpoint_sha, full, s.metric, scheme_settings)
+            if load_cached(out, key, check=check_traces) is None:
+                items.append((s, scheme_settings, str(out)))
+    if len(items) < 2:
+        return
+    items.sort(key=lambda item: -_relative_cost(item[0]))
+    run_jobs(launch.workers, _traces_worker, (launch, checkpoint_sha, str(root), split),
+             _traces_job, [(s.metric, st, out) for s, st, out in items], desc="trace estimates", unit="estimate",
+             progress=progress)
+
+
+def _relative_cost(scheme: Scheme) -> int:
+    """Which estimates take longest (the order of magnitude measured on the embedded default), so that they start
+    first and the last job to finish is a short one."""
+    if scheme.metric == MODELOPT or scheme.estimator == "fisher":
+        return 0
+    return 2 if scheme.estimator == "blockwise" or scheme.metric == FIRST_ORDER else 1
+
+
+def _traces_worker(launch: Launch, checkpoint_sha: str, root: str, split: str) -> tuple:
+    return _worker_model(launch, checkpoint_sha), checkpoint_sha, root, split, launch.device
+
+
+def _traces_job(context: tuple, item: tuple) -> None:
+    model, sha, root, split, device = context
+    metric, settings, out = item
+    run_traces(model, sha, root, split, metric, out, settings, device=device, progress=False)

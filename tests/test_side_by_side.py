@@ -1,0 +1,115 @@
+"""Jobs side by side in worker processes (``parallel.pool``, ``artifact.workers``): the same results, files and cache
+keys as one process, each key computed once, and a failing job ends in one error line."""
+
+import json
+
+import pytest
+import torch
+
+from detrq.artifact.pipeline import Scheme, run_all_traces, traces_path
+from detrq.artifact.workers import EvaluationJob, run_evaluations, run_scheme_traces
+from detrq.data.loading import eval_dataset
+from detrq.io.errors import DetrqError
+from detrq.models.loading import load_model
+from detrq.parallel.launch import Launch
+from detrq.parallel.pool import WorkerError, run_jobs
+from detrq.quant.bitmaps import uniform_bit_map
+from detrq.sensitivity import TraceSettings
+from worlds import tiny_world
+
+torch.set_num_threads(1)
+
+
+def _offset(context, item):
+    return context + item
+
+
+def _context(value):
+    return value
+
+
+def _fail(context, item):
+    if item == 2:
+        raise DetrqError("job 2: the input file is corrupt")
+    if item == 3:
+        raise KeyError("boom")
+    return item
+
+
+def test_run_jobs_returns_in_order_and_builds_each_context_once():
+    assert run_jobs(2, _context, (100,), _offset, [5, 1, 3, 0, 2], progress=False) == [105, 101, 103, 100, 102]
+    assert run_jobs(3, _context, (0,), _offset, [], progress=False) == []
+    with pytest.raises(DetrqError, match="workers must be"):
+        run_jobs(0, _context, (0,), _offset, [1], progress=False)
+
+
+def test_a_failing_job_ends_in_its_own_error():
+    with pytest.raises(DetrqError, match=r"^job 2: the input file is corrupt$"):
+        run_jobs(2, _context, (0,), _fail, [0, 1, 2], progress=False)
+    with pytest.raises(WorkerError, match="KeyError: 'boom'"):
+        run_jobs(2, _context, (0,), _fail, [3], progress=False)
+
+
+def test_launch_takes_workers_or_ranks_not_both():
+    with pytest.raises(DetrqError, match="workers must be a whole number"):
+        Launch(workers=0)
+    with pytest.raises(DetrqError, match="need the checkpoint"):
+        Launch(workers=2)
+    with pytest.raises(DetrqError, match="not both"):
+        Launch(nproc=2, workers=2, checkpoint="c.pth")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("side")
+    tiny_world(root, 12, 10, data_seed=2)
+    model, sha = load_model("tiny", root / "tiny.pth")
+    return root, model, sha, Launch(preset="tiny", checkpoint=str(root / "tiny.pth"), workers=2)
+
+
+def test_evaluations_side_by_side_equal_one_process_and_run_each_key_once(world, tmp_path):
+    root, model, sha, launch = world
+    dataset = eval_dataset(model, root / "data", "val")
+
+    def jobs(folder):
+        folder.mkdir(parents=True)
+        return [EvaluationJob(uniform_bit_map(model, 8), folder / "eval_8.json", "8"),
+                EvaluationJob(uniform_bit_map(model, 4), folder / "eval_4.json", "4"),
+                EvaluationJob(uniform_bit_map(model, 3), folder / "eval_3.json", "3"),
+                # the same key as eval_4 under another name, and the one that needs the detections
+                EvaluationJob(uniform_bit_map(model, 4), folder / "eval_4_again.json", "again", keep_detections=True)]
+
+    side = run_evaluations(model, sha, dataset, jobs(tmp_path / "side" / "evaluations"), batch_size=2,
+                           launch=launch)
+    one = run_evaluations(model, sha, dataset, jobs(tmp_path / "one" / "evaluations"), batch_size=2)
+    assert [r["cache_key"] for r in side] == [r["cache_key"] for r in one]
+    assert [r["label"] for r in side] == ["8", "4", "3", "again"]
+    for a, b in zip(side, one):
+        assert a["metrics"]["AP"] == pytest.approx(b["metrics"]["AP"], abs=1e-6)
+    folder = tmp_path / "side" / "evaluations"
+    assert (folder / "eval_4_again.detections.npz").is_file()
+    # One of the two files of the shared key is a copy of the other: same modification time.
+    assert (folder / "eval_4.json").stat().st_mtime_ns == (folder / "eval_4_again.json").stat().st_mtime_ns
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    run_evaluations(model, sha, dataset, jobs(tmp_path / "again" / "evaluations"), batch_size=2, launch=launch)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # another folder: nothing rewritten
+
+
+def test_traces_side_by_side_equal_one_process(world, tmp_path):
+    root, model, sha, launch = world
+    settings = TraceSettings(num_images=6, batch_size=3, max_probes=4, min_probes=4, probes_per_pass=2)
+    schemes = [Scheme("out-float", "ggn"), Scheme("loss", "fisher", variant=True)]
+    side = run_scheme_traces(model, sha, root / "data", "train", tmp_path / "side", settings, schemes, seeds=2,
+                             launch=launch)
+    one = [run_all_traces(model, sha, root / "data", "train", tmp_path / "one", settings, schemes, replica=k)
+           for k in range(2)]
+    assert [sorted(r) for r in side] == [["loss-fisher", "out-float"], ["out-float"]]  # fisher: no replica
+    for k in range(2):
+        for name in side[k]:
+            a, b = side[k][name], one[k][name]
+            assert a["cache_key"] == b["cache_key"]
+            for layer, est in a["layers"].items():
+                assert est["trace"] == pytest.approx(b["layers"][layer]["trace"], rel=1e-4, abs=1e-9)
+    written = json.loads(traces_path(tmp_path / "side", "out-float", 1).read_text())
+    assert written["settings"]["seed"] == settings.seed + 1
+
