@@ -109,6 +109,12 @@ def _malicious(root: Path) -> None:
     (root / "model.pth").write_bytes(pickle.dumps(Payload()))
 
 
+def _safetensors_file(root: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(torch.load(CHECKPOINT, weights_only=True)["model"], root / "model.safetensors")
+
+
 def _wrong_architecture(root: Path) -> None:
     torch.save({"model": build_detr("tiny").state_dict()}, root / "model.pth")
 
@@ -136,7 +142,9 @@ CASES = [
     # checkpoints
     ("checkpoint-missing", None, EVAL, 2, "checkpoint not found"),
     ("checkpoint-random-bytes", lambda r: (r / "model.pth").write_bytes(np.random.default_rng(0).bytes(4096)),
-     EVAL, 2, "checkpoint"),
+     EVAL, 2, "neither a zip archive nor a pickle"),
+    ("checkpoint-safetensors-file", _safetensors_file,
+     [a.replace("{ckpt}", "{root}/model.safetensors") for a in EVAL], 2, "bare safetensors file"),
     ("checkpoint-malicious-pickle", _malicious, EVAL, 2, "not a plain-tensor checkpoint"),
     ("checkpoint-wrong-architecture", _wrong_architecture, EVAL, 2, "checkpoint"),
     # the COCO annotation file and images: hard errors

@@ -9,7 +9,6 @@ encoding, where positions enter attention, the shared final decoder norm) is kep
 from __future__ import annotations
 
 import math
-import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock
 
 from detrq.io.errors import DetrqError
+from detrq.io.torch_files import load_weights_only
 from detrq.models.boxes import box_cxcywh_to_xyxy
 
 
@@ -418,16 +418,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint file in the official format (``{"model": state_dict, ...}``, with whatever else it carries)
     or a bare state dict (returned as ``{"model": state_dict}``), read with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise DetrqError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DetrqError(f"refusing {path}: it is not a plain-tensor checkpoint (weights_only load failed: "
-                         f"{first[:200]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise DetrqError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if path.suffix == ".safetensors" and path.is_file():
+        raise DetrqError(f"{path} is a bare safetensors file: pass the Hugging Face directory that holds it with its "
+                         "config.json, or a .pth")
+    ckpt = load_weights_only(path, "checkpoint")
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise DetrqError(f"{path} holds no DETR state dict (expected {{'model': state_dict}} or a state dict)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 from detrq.io.errors import DetrqError
+from detrq.io.torch_files import load_weights_only
 from detrq.models.detr import DETR, RESNETS, DetrConfig
 
 CONFIG_FILE = "config.json"
@@ -343,12 +343,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
             return load_file(path)
         except (SafetensorError, OSError) as e:
             raise DetrqError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DetrqError(f"refusing {path}: not a plain-tensor file (a weights_only load failed)") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise DetrqError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+    obj = load_weights_only(path, "weights file")
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise DetrqError(f"{path} holds no state dict of tensors")
     return obj

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from detrq.io.errors import DetrqError
 from detrq.io.results import atomic_output
+from detrq.io.torch_files import load_weights_only
 from detrq.quant.codes import MIN_BITS, Codes, dequantize
 
 FORMAT = "detrq-packed/1"
@@ -229,15 +229,6 @@ def unpack_state(obj: Mapping[str, Any], where: str = "(in memory)") -> tuple[di
     return state, index.get("meta", {})
 
 
-def _unpickling_reason(e: Exception) -> str:
-    # torch wraps the actual reason (a blocked GLOBAL, an unknown opcode) in paragraphs of generic advice,
-    # including a suggestion to retry with weights_only=False that is wrong for an untrusted file.
-    generic = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(e).splitlines()]
-    reasons = [line for line in lines if line and not line.startswith(generic)]
-    return (reasons[0] if reasons else type(e).__name__)[:200]
-
-
 def load_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """(state dict, meta) from a file written by ``save_packed``.
 
@@ -245,18 +236,7 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     every other entry comes back as saved. Anything else (missing file, not a torch file, a pickle that needs
     code, a plain checkpoint, a corrupt index) raises one ``DetrqError``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DetrqError(f"packed checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DetrqError(f"refusing {path}: not a detrq packed checkpoint, and a weights_only load of it failed "
-                         f"({_unpickling_reason(e)}); never load it with weights_only=False unless you trust "
-                         f"its source") from None
-    except Exception as e:  # noqa: BLE001 - torch.load's failures on arbitrary bytes are not a documented set
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "empty or truncated file"
-        raise DetrqError(f"cannot read packed checkpoint {path}: {type(e).__name__}: {first}") from None
+    obj = load_weights_only(path, "packed checkpoint")
     return unpack_state(obj, str(path))
 
 
