@@ -48,7 +48,8 @@ def onnx_benchmark(path: Path, images: int, repeats: int, calib_images: int, thr
 
     from detrq.int8 import calibration as cal
     from detrq.int8.onnx_model import image_input, load_onnx, profile_ops, session
-    from detrq.int8.onnx_quantize import quantize_onnx
+    from detrq.int8.onnx_quantize import needs_reduce_range, quantize_onnx
+    from detrq.io.results import cpu_int8_isa
     from detrq.int8.onnx_workflow import OnnxRunConfig, image_sets, input_size, op_split
 
     cfg = OnnxRunConfig(onnx=str(path), coco=str(DEFAULT_DATA), calib_images=calib_images, eval_images=images)
@@ -58,7 +59,8 @@ def onnx_benchmark(path: Path, images: int, repeats: int, calib_images: int, thr
     pp = cal.Preprocess(h, w, layout=inp.layout, dtype=inp.dtype)
     calib_set, eval_set = image_sets(cfg)
     batch = inp.batch or 8
-    int8, kept = quantize_onnx(model, cal.batches(calib_set.paths, pp, batch, inp.batch is not None), inp.name)
+    int8, kept = quantize_onnx(model, cal.batches(calib_set.paths, pp, batch, inp.batch is not None), inp.name,
+                               reduce_range=needs_reduce_range(cpu_int8_isa()))
     lat_batch = inp.batch or 1
     xs = [cal.load_batch(eval_set.paths[i:i + lat_batch], pp)[0] for i in range(0, images, lat_batch)]
     sess_f, sess_q = session(model, threads), session(int8, threads)

@@ -22,7 +22,7 @@ from detrq.evaluation.evaluate import coco_metrics
 from detrq.int8 import onnx_workflow
 from detrq.int8.calibration import Placement, Preprocess, coco_images, load_batch, prepare
 from detrq.int8.detect import coco_detections
-from detrq.int8.onnx_quantize import decoding_tail, quantize_onnx
+from detrq.int8.onnx_quantize import decoding_tail, needs_reduce_range, quantize_onnx
 from detrq.int8.onnx_stock import export_stock
 from detrq.int8.onnx_layers import layer_diffs
 from detrq.int8.onnx_workflow import OnnxRunConfig, run_onnx_int8
@@ -174,9 +174,16 @@ def test_export_and_quantization_are_deterministic(yolo, data, tmp_path):
     assert again.read_bytes() == yolo.read_bytes()
     model = onnx.load(str(yolo))
     batch, _ = load_batch(coco_images(data, "train", 2).paths, Preprocess(96, 96))
-    first, _ = quantize_onnx(model, [batch], "images")
-    second, _ = quantize_onnx(model, [batch], "images")
-    assert first == second
+    for reduce_range in (False, True):
+        first, _ = quantize_onnx(model, [batch], "images", reduce_range=reduce_range)
+        second, _ = quantize_onnx(model, [batch], "images", reduce_range=reduce_range)
+        assert first == second
+
+
+def test_weights_use_seven_bits_only_where_the_cpu_would_saturate():
+    assert needs_reduce_range(["avx2"]) and needs_reduce_range(["avx2", "avx512f", "avx512bw"])
+    assert not needs_reduce_range(["avx2", "avx512f", "avx512bw", "avx512_vnni"])
+    assert not needs_reduce_range(["avx2", "avx_vnni"]) and not needs_reduce_range(["asimddp", "i8mm"])
 
 
 def test_retinanet_raw_head_gets_raw_output_agreement(data, tmp_path):
@@ -253,9 +260,14 @@ def test_tail_after_the_last_conv_stays_float_and_relu_pairs_compare():
     tail = {n.op_type for n in model.graph.node if n.name in decoding_tail(model)}
     assert {"Sigmoid", "Concat", "Mul"} <= tail and "Conv" not in tail
     x = np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)
-    int8, _ = quantize_onnx(model, [x], "images")
+    # As the workflow quantizes on this CPU.
+    saturating = needs_reduce_range(cpu_int8_isa())
+    int8, _ = quantize_onnx(model, [x], "images", reduce_range=saturating)
     diffs, end_to_end = layer_diffs(model, onnx.load_from_string(int8), x[:1], 1)
     assert len(diffs) == 2 and all(d.sqnr_db > 25 for d in diffs)
+    if saturating:  # AVX2 without VNNI: full 8-bit weights clip the first conv's int16 pair sums
+        full, _ = quantize_onnx(model, [x], "images", reduce_range=False)
+        assert layer_diffs(model, onnx.load_from_string(full), x[:1], 1)[0][0].sqnr_db < 25
     assert diffs[0].float_map.min() >= 0  # compared after the ReLU the quantizer folded into the first conv
 
 

@@ -12,7 +12,6 @@ runs ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel int8 
 from __future__ import annotations
 
 import io
-import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,8 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from detrq.int8.onnx_quantize import needs_reduce_range, static_qdq
 from detrq.int8.plan import Backend
 from detrq.io.errors import DetrqError
+from detrq.io.results import cpu_int8_isa
 
 
 def export_onnx(module: nn.Module, example: tuple[Tensor, ...]) -> bytes:
@@ -119,8 +120,9 @@ class _InputRecorder(nn.Module):
 
 def quantize_ort(module: nn.Module, example: tuple[Tensor, ...], calibration: list[tuple[np.ndarray, ...]]
                  ) -> OrtModule:
-    """``module`` exported to ONNX and statically quantized by onnxruntime (QDQ, per-channel, MinMax)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """``module`` exported to ONNX and statically quantized by onnxruntime (QDQ, per-channel, MinMax; 7-bit weights
+    where the CPU needs them, ``onnx_quantize.needs_reduce_range``)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     if not calibration:
         raise DetrqError("the calibration set is empty; pass at least one image")
@@ -138,14 +140,7 @@ def quantize_ort(module: nn.Module, example: tuple[Tensor, ...], calibration: li
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(float_model.onnx_model.numpy().tobytes())
-        # quantize_static logs a pre-processing hint at WARNING on every call; the exporter already optimises.
-        root = logging.getLogger()
-        level, root.level = root.level, logging.ERROR
-        try:
-            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        finally:
-            root.setLevel(level)
+        static_qdq(src, dst, Reader(), reduce_range=needs_reduce_range(cpu_int8_isa()))
         return OrtModule(dst.read_bytes(), float_model.out_spec)
 
 

@@ -1,6 +1,11 @@
 """Static INT8 of a user's ONNX model with onnxruntime's ``quantize_static``: QDQ format, per-channel int8
 weights, uint8 activations calibrated with MinMax over the calibration batches.
 
+Where the weights use 7 bits (``reduce_range``): x86 CPUs with AVX2 but no VNNI dot products multiply uint8 by int8
+in pairs summed into int16 with saturation, so full-range weights against full-range activations clip. On such a
+CPU (``needs_reduce_range``) the weights are quantized to 7 bits, as onnxruntime's documentation advises and as
+PyTorch's fbgemm qconfig does; with VNNI (or on ARM) they use all 8. The results record which (``reduce_range``).
+
 What stays float (``decoding_tail``): every node from which no Conv, ConvTranspose, Gemm or MatMul can be reached,
 i.e. the decoding after the last learned layer (reshapes, concatenations, sigmoid, box decoding, NMS). Quantizing
 it saves no compute and can destroy outputs: a YOLO export concatenates boxes in pixels (0..640) with class
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,34 @@ import onnx
 from detrq.io.errors import DetrqError
 
 LEARNED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# The int8 dot-product instructions that sum u8 x s8 products in int32 (no int16 saturation).
+DOT_PRODUCT_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def needs_reduce_range(isa: Sequence[str]) -> bool:
+    """Whether weights should be quantized to 7 bits on a CPU with int8 instruction sets ``isa``
+    (``io.results.cpu_int8_isa``): AVX2 without any of ``DOT_PRODUCT_ISA`` (see the module docstring)."""
+    return "avx2" in isa and not any(f in isa for f in DOT_PRODUCT_ISA)
+
+
+def static_qdq(src: Path, dst: Path, reader: Any, *, reduce_range: bool, nodes_to_exclude: Sequence[str] = ()
+               ) -> None:
+    """onnxruntime's ``quantize_static`` of the file ``src`` into ``dst``: QDQ, per-channel int8 weights (7-bit
+    with ``reduce_range``), uint8 activations, MinMax over the batches of the ``CalibrationDataReader`` ``reader``;
+    ``nodes_to_exclude`` stay float. Its failures are one ``DetrqError``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # quantize_static's pre-processing hint, on every call
+    try:
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(nodes_to_exclude))
+    except Exception as e:  # onnxruntime's own failures while calibrating or rewriting the graph
+        raise DetrqError(f"onnxruntime could not quantize the model: {str(e).strip().splitlines()[0][:300]}"
+                         ) from None
+    finally:
+        root.setLevel(level)
 
 
 def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -67,10 +101,11 @@ def decoding_tail(model: onnx.ModelProto) -> list[str]:
     return [n.name for n, r in zip(nodes, reaches) if not r]
 
 
-def quantize_onnx(model: onnx.ModelProto, calibration: list[np.ndarray], input_name: str) -> tuple[bytes, dict]:
+def quantize_onnx(model: onnx.ModelProto, calibration: list[np.ndarray], input_name: str, *,
+                  reduce_range: bool) -> tuple[bytes, dict]:
     """The int8 QDQ model as bytes, and what was quantized: ``{"float_nodes": tail node names, "float_ops": their
-    op types with counts}``. Deterministic: the same model and batches give the same bytes."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    op types with counts}``. Deterministic: the same model, batches and ``reduce_range`` give the same bytes."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     if not calibration:
         raise DetrqError("the calibration set is empty; pass at least one image")
@@ -88,16 +123,7 @@ def quantize_onnx(model: onnx.ModelProto, calibration: list[np.ndarray], input_n
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))
-        root = logging.getLogger()
-        level, root.level = root.level, logging.ERROR  # quantize_static's pre-processing hint, on every call
-        try:
-            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=tail)
-        except Exception as e:  # onnxruntime's own failures while calibrating or rewriting the graph
-            raise DetrqError(f"onnxruntime could not quantize the model: {str(e).strip().splitlines()[0][:300]}"
-                             ) from None
-        finally:
-            root.setLevel(level)
+        static_qdq(src, dst, Reader(), reduce_range=reduce_range, nodes_to_exclude=tail)
         data = dst.read_bytes()
     ops: dict[str, int] = defaultdict(int)
     kinds = {n.name: n.op_type for n in model.graph.node}

@@ -32,14 +32,15 @@ from detrq.int8.detect import coco_detections, detection_agreement, paired_score
 from detrq.int8.measure import paired_latency, peak_memory, phase_printer
 from detrq.int8.onnx_layers import layer_diffs, sqnr_db
 from detrq.int8.onnx_model import ImageInput, image_input, load_onnx, profile_ops, run, session
-from detrq.int8.onnx_quantize import quantize_onnx, quantized_fraction
+from detrq.int8.onnx_quantize import needs_reduce_range, quantize_onnx, quantized_fraction
 from detrq.int8.plots import draw_layer_figures
 from detrq.int8.yolo_decode import decode_yolo, yolo_classes
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import results_file
 from detrq.io.paths import PROJECT_ROOT, repo_relative, resolve_path
-from detrq.io.results import atomic_output, cpu_record, environment, read_json, sha256_file, write_json_atomic
+from detrq.io.results import (atomic_output, cpu_int8_isa, cpu_record, environment, read_json, sha256_file,
+                               write_json_atomic)
 
 _PATH_FIELDS = ("onnx", "coco", "images", "figures", "out", "int8_out")
 DEFAULT_SIZE = 640  # input size where the model leaves it dynamic: the common YOLO export's
@@ -222,7 +223,8 @@ def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True, require_model: bool = 
     sess_f = session(model, cfg.threads)
     run(sess_f, {inp.name: calib[0]})  # a model onnxruntime cannot run fails here, before calibrating
     say(f"onnxruntime's static quantization, calibrated on {len(calib_set.paths)} images")
-    int8_bytes, float_part = quantize_onnx(model, calib, inp.name)
+    reduce_range = needs_reduce_range(cpu_int8_isa())
+    int8_bytes, float_part = quantize_onnx(model, calib, inp.name, reduce_range=reduce_range)
     int8_model = onnx.load_from_string(int8_bytes)
     sess_q = session(int8_bytes, cfg.threads)
     out_names = [o.name for o in sess_f.get_outputs()]
@@ -259,6 +261,7 @@ def run_onnx_int8(cfg: OnnxRunConfig, reuse: bool = True, require_model: bool = 
             "backend": "onnx",
             "source": "ONNX file, quantized by onnxruntime quantize_static (QDQ, per-channel int8 weights, "
                       "uint8 activations, MinMax calibration)",
+            "reduce_range": reduce_range,  # 7-bit weights: this CPU has AVX2 without VNNI (onnx_quantize)
             "onnx_file": repo_relative(src.resolve()),
             "onnx_sha256": model_sha,
             "weights": "as in the ONNX file (onnx_sha256)",

@@ -27,6 +27,7 @@ from detrq.int8.data import detection_dataset
 from detrq.int8.detect import Detections, detection_agreement, evaluate_detector, paired_scores, run_detector
 from detrq.int8.detector import load_frcnn
 from detrq.int8.measure import paired_latency, peak_memory, phase_printer, serialized_size
+from detrq.int8.onnx_quantize import needs_reduce_range
 from detrq.int8.plan import DETECTOR_PARTS, quantization_plan
 from detrq.int8.quantize import BACKENDS, quantize_int8
 from detrq.int8.stages import compare_breakdowns, stage_breakdown
@@ -35,7 +36,7 @@ from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import results_file
 from detrq.io.paths import PROJECT_ROOT, repo_relative, resolve_path
-from detrq.io.results import cpu_record, environment, sha256_file, write_json_atomic
+from detrq.io.results import cpu_int8_isa, cpu_record, environment, sha256_file, write_json_atomic
 
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "frcnn_narrow.pth"
 DEFAULT_DATA = PROJECT_ROOT / "data" / "synthetic"
@@ -217,6 +218,8 @@ def run_int8(cfg: Int8RunConfig, progress: bool = False, reuse: bool = True) -> 
     record = {
         "model": fm.name,
         "backend": cfg.backend,
+        # onnxruntime's weights are 7-bit on a CPU without VNNI (onnx_quantize.needs_reduce_range)
+        **({"reduce_range": needs_reduce_range(cpu_int8_isa())} if cfg.backend == "onnxruntime" else {}),
         "weights": "trained checkpoint" if trained else
                    f"random (seed {cfg.seed}), BN statistics recalibrated on the {cfg.calib_images} calibration images",
         "image_size": fm.image_size,
