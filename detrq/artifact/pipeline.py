@@ -31,7 +31,7 @@ from detrq.evaluation.evaluate import evaluate
 from detrq.io.cache import cache_key, find_twin, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import kind_dir, results_file
-from detrq.io.results import atomic_output, environment, read_json, sha256_file, write_json_atomic
+from detrq.io.results import atomic_output, environment, read_json, write_json_atomic
 from detrq.models.detr import DETR
 from detrq.parallel import distributed
 from detrq.parallel.launch import Launch, run_ranks
@@ -336,7 +336,7 @@ def evaluation_key(checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[st
     """``run_evaluation``'s cache key: the checkpoint, the annotations' bytes, the images, the batching, the size
     policy, the bit map and the quantizer."""
     return cache_key(kind="evaluate", checkpoint=checkpoint_sha,
-                     annotations=sha256_file(dataset.root / "annotations" / f"instances_{dataset.split}.json"),
+                     annotations=dataset.annotations_sha256,
                      split=dataset.split, images=dataset.ids, batch_size=batch_size,
                      transform=dataset.transform.describe(), bit_map=bit_map, **quantizer_key(quantizer))
 

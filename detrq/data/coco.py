@@ -10,6 +10,7 @@ size, and labels are the COCO category ids themselves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from detrq.data.validate import DataReport, check_coco
 from detrq.io.errors import DetrqError
+from detrq.io.results import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -241,6 +243,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @functools.cached_property
+    def annotations_sha256(self) -> str:
+        """SHA-256 of the split's annotation file: cache keys name the data by it, once per dataset (COCO val2017's
+        file is 25 MB, and a sweep keys hundreds of evaluations of one dataset)."""
+        return sha256_file(self.root / "annotations" / f"instances_{self.split}.json")
 
     def hold_in_memory(self) -> None:
         """Keep each transformed image after its first load (the transform must be deterministic)."""

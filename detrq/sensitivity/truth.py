@@ -37,7 +37,7 @@ from detrq.data.coco import CocoDetection, collate
 from detrq.evaluation.evaluate import coco_ap, evaluate, outputs_to_detections
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
-from detrq.io.results import environment, sha256_file, write_json_atomic
+from detrq.io.results import environment, write_json_atomic
 from detrq.models.detr import DETR
 from detrq.quant.bitmaps import quantizable_layers, quantized, uniform_bit_map
 from detrq.quant.codes import MAX_BITS, MIN_BITS
@@ -363,7 +363,7 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
     layer_names = list(quantizable_layers(model))
     eval_part = None if eval_set is None else {
         "split": eval_split, "images": eval_set.ids,
-        "annotations": sha256_file(eval_set.root / "annotations" / f"instances_{eval_split}.json")}
+        "annotations": eval_set.annotations_sha256}
     # As JSON holds them (tuples become lists), so that a fresh result equals the file a cache hit returns.
     settings_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
     if settings.ap_images is None:  # all val images: out of the key, as before the subset existed
