@@ -22,8 +22,8 @@ The work is counted from the profile's values (``params/full.yaml`` with ``profi
   budget, and the other probe seeds' bit maps of the stochastic schemes (the paper profile: 14 evaluations);
 * notebook 05 (complete only): the Eq. (5) scans at float (the file of notebook 02, counted once) and at the
   8-bit point, the val AP scan (float + layers x ``measure_ap_bits`` on ``measure_ap_images`` val images, all 5000
-  when null; each file also holds a 4-bit Eq. (5) scan) and one such scan per ``ap_subset_sizes`` entry, and the
-  first-order traces again with the other Jacobian estimator;
+  when null; the file also holds a 4-bit Eq. (5) scan; the ``ap_subset_sizes`` scans are scored from its
+  detections, no pass of their own), and the first-order traces again with the other Jacobian estimator;
 * notebook 07 (complete only): a measured scan per quantizer (Eq. (6)'s is notebook 02's), ModelOpt's score again
   per other quantizer, GPTQ's calibration forwards, and the evaluations: float, uniform 3-8 and every source
   (schemes + Measured Sen) at each budget per quantizer (every ``pareto_targets`` for ``pareto_full_front``,
@@ -271,12 +271,11 @@ def passes(params: dict[str, Any], notebooks: tuple[str, ...], layers: int, cost
                         f"{1 if shared else 2} scan(s) x {layers} layers x {len(bits)} bits x {n} images"
                         + (" (the float one is notebook 02's, counted there)" if shared else "")))
         ap_images = params.get("measure_ap_images") or VAL_IMAGES
-        sizes = [ap_images] + [s for s in params.get("ap_subset_sizes") or [] if s < ap_images]
         ap_bits = len(params["measure_ap_bits"])
-        rows.append(Row("05 measured val AP drops (+ subsets)",
-                        sum((1 + layers * ap_bits) * m * fwd + layers * n * fwd for m in sizes), False,
-                        f"(float + {layers} layers x {ap_bits} bits) x {' + '.join(map(str, sizes))} val images, "
-                        f"each with a 4-bit Eq. (5) scan of {n} images"))
+        rows.append(Row("05 measured val AP drops (subsets scored from the same detections)",
+                        (1 + layers * ap_bits) * ap_images * fwd + layers * n * fwd, False,
+                        f"(float + {layers} layers x {ap_bits} bits) x {ap_images} val images, with a 4-bit "
+                        f"Eq. (5) scan of {n} images"))
         if first_order is not None:
             rows.append(Row("05 first-order traces, other Jacobian estimator",
                             n * (fwd + _probes(first_order, params) * bwd) + n * jacobian_image, False,

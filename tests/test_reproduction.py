@@ -240,3 +240,17 @@ def test_modelopt_traces_are_compared_per_bit_width():
     worst, n, equal = rp.trace_difference(old, new)
     assert n == 2 and not equal and worst == pytest.approx(0.5)
     assert rp.trace_difference(old, old)[2]
+
+
+def test_the_report_names_each_cpu_with_its_vector_units():
+    """Two CPUs of one model name can differ in AVX-512: the report line says which, and says so when they differ."""
+    report = {"verdict": "DIFFERS", "counts": {rp.IDENTICAL: 1, rp.WITHIN: 0, rp.DIFFERS: 1, rp.NOT_RUN: 0},
+              "reused": {}, "lines": [], "cpu": "AMD EPYC", "cpu_isa": ["avx2"], "committed_cpu": "AMD EPYC",
+              "committed_cpu_isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni"]}
+    text = rp.report_text(report)
+    assert "on AMD EPYC [avx2]; committed results from AMD EPYC [avx2, avx512f, avx512bw, avx512_vnni]" in text
+    assert "another CPU than the committed results'" in text
+    same = rp.report_text({**report, "committed_cpu_isa": ["avx2"]})
+    assert "another CPU" not in same
+    unrecorded = rp.report_text({**report, "committed_cpu_isa": None})  # results made before the ISA was recorded
+    assert "committed results from AMD EPYC\n" in unrecorded + "\n" and "another CPU" not in unrecorded

@@ -113,3 +113,36 @@ def test_traces_side_by_side_equal_one_process(world, tmp_path):
     written = json.loads(traces_path(tmp_path / "side", "out-float", 1).read_text())
     assert written["settings"]["seed"] == settings.seed + 1
 
+
+
+def test_the_first_order_kl_term_is_out_sen_float_estimated_once(world, tmp_path, monkeypatch):
+    """The first-order metric's KL term and Out Sen Float are the same estimate (same settings, same probes): it is
+    computed once, by the first-order job side by side, and by whichever comes first in one process; the numbers
+    are those of a first-order estimate made on its own."""
+    from detrq.artifact import pipeline
+    from detrq.sensitivity import metrics
+
+    root, model, sha, launch = world
+    settings = TraceSettings(num_images=4, batch_size=2, max_probes=3, min_probes=3, probes_per_pass=3,
+                             jacobian_probes=3)
+    schemes = [Scheme("out-first-order", "ggn"), Scheme("out-float", "ggn")]
+    alone = run_all_traces(model, sha, root / "data", "train", tmp_path / "alone", settings, schemes[:1])
+    calls = []
+    for module in (pipeline, metrics):  # Out Sen Float's own estimate, and the one first_order_sensitivity makes
+        real = getattr(module, "sensitivity")
+        monkeypatch.setattr(module, "sensitivity", lambda *a, real=real, **k: calls.append(a[2]) or real(*a, **k))
+    one = run_all_traces(model, sha, root / "data", "train", tmp_path / "one", settings, schemes)
+    assert calls == ["out-float"]
+    # Two seeds: two first-order jobs side by side, each making its Out Sen Float file.
+    side, side_seed1 = run_scheme_traces(model, sha, root / "data", "train", tmp_path / "side", settings, schemes,
+                                         seeds=2, launch=launch)
+    assert side_seed1["out-first-order"]["layers"]["input_proj.weight"]["kl"] == \
+        side_seed1["out-float"]["layers"]["input_proj.weight"]
+    for got in (one, side):
+        first, float_ = got["out-first-order"], got["out-float"]
+        assert first["cache_key"] == alone["out-first-order"]["cache_key"]
+        for layer, entry in first["layers"].items():
+            assert entry["kl"] == float_["layers"][layer] == alone["out-first-order"]["layers"][layer]["kl"]
+            assert entry["jacobian"]["sum"] == pytest.approx(
+                alone["out-first-order"]["layers"][layer]["jacobian"]["sum"], rel=1e-5)
+        assert first["seconds"] >= float_["seconds"]

@@ -11,6 +11,7 @@ from detrq.data.coco import class_balanced_subset
 from detrq.data.loading import eval_dataset
 from detrq.evaluation.evaluate import coco_ap, coco_metrics, evaluate
 from detrq.io.errors import DetrqError
+from detrq.io.paths import PROJECT_ROOT
 from detrq.io.results import read_json
 from detrq.models.detr import build_detr
 from detrq.quant.bitmaps import quantizable_layers, quantized, uniform_bit_map
@@ -164,6 +165,31 @@ def test_ap_scan_cached_features_match_evaluate(synthetic_root, monkeypatch):
         assert got["drop"][name][3] == got["float"] - got["layers"][name][3]
     monkeypatch.setattr(detrq.sensitivity.truth, "MAX_CACHED_IMAGES", 0)  # the streaming path gives the same numbers
     assert measure_ap_drops(model, val, settings, layers=layers, batch_size=4) == got
+
+
+def test_ap_subsets_are_the_scan_of_those_images_alone(synthetic_root):
+    """A subset's APs come from the whole scan's detections, matched once: they must be what a scan of those
+    images alone measures (the mini checkpoint, so that the APs are far from 0 and a wrong subset shows)."""
+    from detrq.models.loading import load_model
+    from detrq.sensitivity.truth import ap_subset
+
+    model, _ = load_model("mini", PROJECT_ROOT / "checkpoints/detr_mini.pth", "cpu", min_size=128, max_size=128)
+    val = eval_dataset(model, synthetic_root, "val")
+    layers = ["input_proj.weight", "class_embed.weight"]
+    settings = MeasureSettings(ap_bits=(2,), ap_subsets=(3, 4, len(val)))
+    got = measure_ap_drops(model, val, settings, layers=layers, batch_size=4)
+    assert set(got["subsets"]) == {3, 4}  # a size not below the set's is the set itself: left out
+    for n, sub in got["subsets"].items():
+        assert sub["images"] == ap_subset(val.ids, n) and len(sub["images"]) == n
+        alone = measure_ap_drops(model, eval_dataset(model, synthetic_root, "val", image_ids=sub["images"]),
+                                 settings, layers=layers, batch_size=4)
+        assert alone["float"] > 0.05
+        assert sub["float"] == pytest.approx(alone["float"], abs=1e-12)
+        for name in layers:
+            assert sub["layers"][name][2] == pytest.approx(alone["layers"][name][2], abs=1e-12)
+            assert sub["drop"][name][2] == pytest.approx(alone["drop"][name][2], abs=1e-12)
+    with pytest.raises(DetrqError, match="ap_subsets"):
+        MeasureSettings(ap_subsets=(0,))
 
 
 def test_run_measured_costs_writes_then_hits_the_cache(synthetic_root, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 from detrq.artifact.notebooks import profile_steps, step_name
 from detrq.io.layout import kind_dir, results_file, results_name
 from detrq.io.paths import PROJECT_ROOT
-from detrq.io.results import read_json
+from detrq.io.results import cpu_label, read_json
 
 PYTHON = ".venv/bin/python"
 
@@ -160,7 +160,8 @@ def _int8_peak_mb(results: Path) -> float | None:
 
 def _resources(step: str, runtime: dict[str, Any] | None, peak_mb: float | None, *, short: bool) -> str:
     cpu = "CPU" if runtime is None else (f"CPU, {runtime['threads_available']} cores" if short else
-                                         f"CPU only, {runtime['threads_available']} cores ({runtime['cpu']}), no GPU")
+                                         f"CPU only, {runtime['threads_available']} cores "
+                                         f"({cpu_label(runtime['cpu'], runtime.get('cpu_isa'))}), no GPU")
     if step != INT8 or peak_mb is None:
         return f"{cpu}; memory not measured"
     if short:

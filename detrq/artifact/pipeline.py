@@ -43,6 +43,7 @@ from detrq.sensitivity import (ALL_METRICS, FIRST_ORDER, METRIC_NAMES, METRICS, 
                                check_metric, distillation_term_traces, first_order_sensitivity, sensitivity,
                                total_trace)
 from detrq.sensitivity.costs import cost_table
+from detrq.sensitivity.estimates import TraceEstimate
 from detrq.sensitivity.modelopt import MODELOPT, MODELOPT_BITS, MODELOPT_NAME, modelopt_scores
 from detrq.sensitivity.trace_checks import check_traces
 
@@ -140,13 +141,17 @@ def schemes_from_params(estimators: dict[str, str], extra_variants: Iterable[str
 
 def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, metric: str, out: str | Path,
                settings: TraceSettings = TraceSettings(), *, device: str = "cpu", progress: bool = True,
-               launch: Launch = Launch(), bits_range: range = MODELOPT_BITS, quantizer: WeightQuantizer = EQ6
-               ) -> dict[str, Any]:
+               launch: Launch = Launch(), bits_range: range = MODELOPT_BITS, quantizer: WeightQuantizer = EQ6,
+               kl_source: str | Path | None = None) -> dict[str, Any]:
     """Per-layer sensitivities for one metric on the class-balanced image set; writes and returns the JSON.
 
     For the paper's metrics ``layers`` holds one trace estimate per layer (``settings.estimator``); for the
     first-order metric each layer holds ``{"kl": trace estimate, "jacobian": row-norm sum}`` and the file
-    holds Eq. (5)'s ``l1_scale``; for ModelOpt's score (``sensitivity.modelopt``) each layer holds one estimate per
+    holds Eq. (5)'s ``l1_scale``. Its KL term is Out Sen Float with the same settings (the same probes, the same
+    numbers): with ``kl_source``, the Out Sen Float traces file for these very settings (``kl_sources`` finds it), it
+    is read from there (computed into it first when that file does not hold them), so the two are estimated once, and
+    ``seconds`` adds that file's. A sharded ``launch`` computes both terms in its ranks. For ModelOpt's
+    score (``sensitivity.modelopt``) each layer holds one estimate per
     bit width of ``bits_range``, made with ``quantizer`` (both enter the key for it alone). A sharded ``launch``
     computes it in torchrun ranks (``launch.device``; not ModelOpt's); inside a process group every rank returns the
     result and rank 0 writes it.
@@ -169,7 +174,14 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     if metric == FIRST_ORDER:
-        terms = first_order_sensitivity(model, batches, settings, progress=progress)
+        kl = None
+        if kl_source is not None:
+            kl_file = run_traces(model, checkpoint_sha, root, split, "out-float", kl_source, settings, device=device,
+                                 progress=progress)
+            kl = {n: TraceEstimate(**v) for n, v in kl_file["layers"].items()}
+            # The seconds of the estimate, wherever its KL part was computed: those of its file plus the Jacobian's.
+            start = time.perf_counter() - kl_file["seconds"]
+        terms = first_order_sensitivity(model, batches, settings, progress=progress, kl=kl)
         layers = {n: {"kl": est.to_dict(), "jacobian": terms["jacobian"][n]} for n, est in terms["kl"].items()}
         extra = {"l1_scale": terms["l1_scale"], "num_queries": terms["num_queries"]}
     elif metric == MODELOPT:
@@ -408,6 +420,17 @@ def bitmap_path(results_dir: str | Path, name: str, avg_bits: float, replica: in
     return results_file(results_dir, f"bitmap_{name}_{avg_bits:g}bit{_replica_suffix(replica)}.json")
 
 
+def kl_sources(schemes: Iterable[Scheme], settings: TraceSettings, results_dir: str | Path, replica: int = 0
+               ) -> dict[str, Path]:
+    """For each first-order scheme, the traces file of an Out Sen Float scheme with the same settings (its KL
+    term: ``run_traces``' ``kl_source``), where ``schemes`` has one."""
+    schemes = list(schemes)
+    float_files = {s.settings(settings, replica): traces_path(results_dir, s.name, replica)
+                   for s in schemes if s.metric == "out-float"}
+    return {s.name: float_files[s.settings(settings, replica)] for s in schemes
+            if s.metric == FIRST_ORDER and s.settings(settings, replica) in float_files}
+
+
 def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
                    settings: TraceSettings, schemes: Iterable[Scheme], *, replica: int = 0, device: str = "cpu",
                    progress: bool = False, launch: Launch = Launch()) -> dict[str, dict[str, Any]]:
@@ -416,9 +439,11 @@ def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: st
     ``replica`` k > 0 reruns every stochastic scheme (``Scheme.stochastic``) with probe seed ``settings.seed + k``
     into its own files; the deterministic ones have no replicas and are left out.
     """
+    sources = kl_sources(schemes, settings, results_dir, replica)
     return {s.name: run_traces(model, checkpoint_sha, root, split, s.metric, traces_path(results_dir, s.name, replica),
                                s.settings(settings, replica), device=device, progress=progress,
-                               launch=Launch() if s.metric == MODELOPT else launch)  # ModelOpt: one process
+                               launch=Launch() if s.metric == MODELOPT else launch,  # ModelOpt: one process
+                               kl_source=sources.get(s.name))
             for s in schemes if replica == 0 or s.stochastic}
 
 

@@ -21,7 +21,7 @@ from detrq.artifact.reproduction import Tolerances
 from detrq.artifact.table1 import VERDICTS, claims_markdown, table1_compact_markdown, table1_markdown
 from detrq.io.errors import DetrqError
 from detrq.io.layout import kind_dir, results_file, results_name
-from detrq.io.results import read_json
+from detrq.io.results import cpu_label, read_json
 from detrq.sensitivity.check import rho_lookup
 
 MARKER = re.compile(r"<!-- (BEGIN|END) generated:([\w-]+) -->")
@@ -76,7 +76,8 @@ def runtime_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
     lines = []
     for command, runtime in runtimes.items():
         steps = ", ".join(f"{s['name']} {s['seconds']} s" for s in runtime["steps"])
-        lines.append(f"- `{command}`: {runtime['total_seconds'] / 60:.1f} minutes from scratch on {runtime['cpu']} "
+        cpu = cpu_label(runtime["cpu"], runtime.get("cpu_isa"))
+        lines.append(f"- `{command}`: {runtime['total_seconds'] / 60:.1f} minutes from scratch on {cpu} "
                      f"({runtime['threads_available']} cores available, no GPU): {steps}.")
     return "\n".join(lines) + "\n"
 
@@ -145,7 +146,8 @@ def tolerances_markdown(tolerances: Tolerances = Tolerances()) -> str:
 def reproduction_markdown(report: dict[str, Any]) -> str:
     """The report of the run that the committed results come from, against the results committed before it."""
     c = report["counts"]
-    lines = [f"The committed results come from a run on {report['cpu']} whose report said **{report['verdict']}** "
+    lines = [f"The committed results come from a run on "
+             f"{cpu_label(report['cpu'], report.get('cpu_isa'))} whose report said **{report['verdict']}** "
              f"against the results committed before it: {c['identical']} numbers identical, "
              f"{c['within tolerance']} within tolerance, {c['differs']} differ, {c['not run']} not run "
              f"(`results/reproduction_accepted.json`)."]

@@ -23,7 +23,7 @@ from typing import Any
 from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT, repo_relative
 from detrq.io.layout import RUN_LEVEL, fill_missing, kind_dir, results_file
-from detrq.io.results import cpu_model, read_json, write_json_atomic
+from detrq.io.results import cpu_int8_isa, cpu_label, cpu_model, read_json, write_json_atomic
 
 IDENTICAL, WITHIN, DIFFERS, NOT_RUN = "identical", "within tolerance", "differs", "not run"
 NOT_COMPARED = "not compared"  # a CPU-dependent number measured on another CPU model than the committed one
@@ -360,7 +360,8 @@ def compare_runs(committed_dir: str | Path, runs: dict[str, str | Path],
     committed_runtime = _read(results_file(committed_dir, "runtime_default.json")) or {}
     return {"verdict": verdict, "from_scratch": from_scratch, "counts": counts,
             "runs": {k: repo_relative(d.resolve()) for k, d in found.items()}, "reused": reused,
-            "cpu": cpu_model(), "committed_cpu": committed_runtime.get("cpu"),
+            "cpu": cpu_model(), "cpu_isa": cpu_int8_isa(), "committed_cpu": committed_runtime.get("cpu"),
+            "committed_cpu_isa": committed_runtime.get("cpu_isa"),
             "tolerances": tol.describe(), "lines": lines}
 
 
@@ -374,8 +375,15 @@ def report_text(report: dict[str, Any]) -> str:
     """What the run prints: the verdict, the counts, every line that is not identical, loud for ``differs``."""
     c = report["counts"]
     out = [f"reproduction: {report['verdict']} ({c[IDENTICAL]} identical, {c[WITHIN]} within tolerance, "
-           f"{c[DIFFERS]} differ, {c[NOT_RUN]} not run) on {report['cpu']}"
-           + (f"; committed results from {report['committed_cpu']}" if report.get("committed_cpu") else "")]
+           f"{c[DIFFERS]} differ, {c[NOT_RUN]} not run) on {cpu_label(report['cpu'], report.get('cpu_isa'))}"
+           + (f"; committed results from {cpu_label(report['committed_cpu'], report.get('committed_cpu_isa'))}"
+              if report.get("committed_cpu") else "")]
+    here = (report["cpu"], report.get("cpu_isa"))
+    there = (report.get("committed_cpu"), report.get("committed_cpu_isa"))
+    if there[0] is not None and (there[0] != here[0] or there[1] is not None and there[1] != here[1]):
+        out.append("  another CPU than the committed results' (model or vector units): float sums run in another "
+                   "order, so traces move by rounding and an ILP near-tie can flip; the tolerances below allow for "
+                   "the first, not always for the second")
     for run, names in report["reused"].items():
         if names:
             out.append(f"  REUSED in runs/{run}: {len(names)} cached result files were not recomputed "
@@ -416,7 +424,7 @@ def write_runtime(run_dir: str | Path, steps: list[tuple[str, int]], profile: st
     reused = reused_files(run_dir / "results")
     resumed = (run_dir / RESUMED_NAME).is_file()
     runtime = {"steps": [{"name": n, "seconds": s} for n, s in steps], "total_seconds": sum(s for _, s in steps),
-               "profile": profile, "cpu": cpu_model(), "threads_available": _cpu_count(),
+               "profile": profile, "cpu": cpu_model(), "cpu_isa": cpu_int8_isa(), "threads_available": _cpu_count(),
                "from_scratch": not reused and not resumed,
                "reused_files": len(reused), "resumed": resumed}
     write_json_atomic(run_dir / RUNTIME_NAME, runtime)

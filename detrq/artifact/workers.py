@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detrq.artifact.pipeline import (Scheme, evaluation_folders, evaluation_key, run_all_traces, run_evaluation,
-                                     run_traces, serves, traces_key, traces_path)
+from detrq.artifact.pipeline import (Scheme, evaluation_folders, evaluation_key, kl_sources, run_all_traces,
+                                     run_evaluation, run_traces, serves, traces_key, traces_path)
 from detrq.data.coco import CocoDetection
 from detrq.data.loading import eval_dataset
 from detrq.io.cache import cache_key, keys_in, load_cached
@@ -125,19 +125,23 @@ def _traces_side_by_side(model: DETR, checkpoint_sha: str, root: str | Path, spl
     full = eval_dataset(model, root, split)
     items = []
     for k in range(seeds):
+        sources = {n: str(p) for n, p in kl_sources(schemes, settings, results_dir, k).items()}
         for s in schemes:
             if k and not s.stochastic:
                 continue
             out, scheme_settings = traces_path(results_dir, s.name, k), s.settings(settings, k)
             key, _ = traces_key(model, checkpoint_sha, full, s.metric, scheme_settings)
             if load_cached(out, key, check=check_traces) is None:
-                items.append((s, scheme_settings, str(out)))
+                items.append((s, scheme_settings, str(out), sources.get(s.name)))
+    # A first-order job computes the Out Sen Float file it takes its KL term from: that file is not a job of its own.
+    made_by_first_order = {source for *_, source in items if source is not None}
+    items = [item for item in items if item[2] not in made_by_first_order]
     if len(items) < 2:
         return
     items.sort(key=lambda item: -_relative_cost(item[0]))
     run_jobs(launch.workers, _traces_worker, (launch, checkpoint_sha, str(root), split),
-             _traces_job, [(s.metric, st, out) for s, st, out in items], desc="trace estimates", unit="estimate",
-             progress=progress)
+             _traces_job, [(s.metric, st, out, source) for s, st, out, source in items], desc="trace estimates",
+             unit="estimate", progress=progress)
 
 
 def _relative_cost(scheme: Scheme) -> int:
@@ -154,5 +158,5 @@ def _traces_worker(launch: Launch, checkpoint_sha: str, root: str, split: str) -
 
 def _traces_job(context: tuple, item: tuple) -> None:
     model, sha, root, split, device = context
-    metric, settings, out = item
-    run_traces(model, sha, root, split, metric, out, settings, device=device, progress=False)
+    metric, settings, out, kl_source = item
+    run_traces(model, sha, root, split, metric, out, settings, device=device, progress=False, kl_source=kl_source)

@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from detrq.evaluation.evaluate import restrict_to_ap
 from detrq.io.errors import DetrqError
 from detrq.io.results import atomic_output
 from detrq.parallel.pool import given, run_jobs
@@ -126,7 +127,8 @@ def _load_results(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
 
 
 def image_eval(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> ImageEval:
-    """Run pycocotools' ``COCOeval.evaluate`` (bbox) once on ``image_ids`` and keep what accumulation needs."""
+    """Run pycocotools' ``COCOeval.evaluate`` (bbox; area "all", 100 detections: ``restrict_to_ap``) once on
+    ``image_ids`` and keep what accumulation needs."""
     ids = [int(i) for i in image_ids]
     if len(set(ids)) != len(ids):
         raise DetrqError("image_ids has duplicates; pass each image once (weights express multiplicity)")
@@ -136,6 +138,7 @@ def image_eval(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: S
         coco_dt = _load_results(coco_gt, detections)
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         ev.params.imgIds = ids
+        restrict_to_ap(ev)
         ev.evaluate()
     p = ev.params
     if p.maxDets[-1] != _MAX_DETS:

@@ -37,11 +37,18 @@ def _valid_or_none(value: float) -> float | None:
     return None if value < 0 else float(value)
 
 
+def restrict_to_ap(evaluator: COCOeval) -> None:
+    """Limit ``evaluator`` to what AP needs: area range "all" and 100 detections per image. pycocotools matches
+    each area range separately, so the per-image results for "all" are the same, 4x faster."""
+    evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
+    evaluator.params.maxDets = [100]
+
+
 def _accumulated(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int],
                  ap_only: bool = False) -> COCOeval:
     """COCOeval of ``detections`` on ``image_ids`` after ``evaluate`` and ``accumulate`` (stdout silenced).
 
-    ``ap_only`` restricts it to the area range "all" and 100 detections, all that AP needs: the same AP, 4x faster.
+    ``ap_only`` restricts it to what AP needs (``restrict_to_ap``).
     """
     ids = [int(i) for i in image_ids]
     # pycocotools prints its progress; keep stdout clean for notebooks and nbval.
@@ -58,8 +65,7 @@ def _accumulated(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids:
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.imgIds = ids
         if ap_only:
-            evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
-            evaluator.params.maxDets = [100]
+            restrict_to_ap(evaluator)
         evaluator.evaluate()
         evaluator.accumulate()
     return evaluator

@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,13 @@ def cpu_int8_isa() -> list[str]:
     return [f for f in INT8_ISA_FLAGS if f in flags]
 
 
+def cpu_label(model: str | None, isa: Sequence[str] | None) -> str:
+    """A CPU as reports name it: its model and, where recorded, its vector instruction sets (``cpu_int8_isa``)."""
+    if model is None:
+        return "an unrecorded CPU"
+    return f"{model} [{', '.join(isa) if isa else 'no AVX2, AVX-512, VNNI, AMX or ARM dot product'}]" if isa is not None else model
+
+
 def cpu_record() -> dict[str, Any]:
     """The CPU facts that INT8 latency depends on: model name, int8 instruction sets, cores available."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -125,6 +132,9 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        # Two CPUs of one model name can differ in their vector units (float sums in another order): both recorded.
+        "cpu": cpu_model(),
+        "cpu_isa": cpu_int8_isa(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(Path(__file__).resolve().parent),
     }

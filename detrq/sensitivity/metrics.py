@@ -11,7 +11,7 @@ not shard.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -67,17 +67,20 @@ def per_image(batches: Batches) -> list[tuple[list[Tensor], list[dict]]]:
 
 
 def first_order_sensitivity(model: nn.Module, batches: Batches, settings: TraceSettings = TraceSettings(), *,
-                            layers: Iterable[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                            layers: Iterable[str] | None = None, progress: bool = False,
+                            kl: Mapping[str, TraceEstimate] | None = None) -> dict[str, Any]:
     """Both per-layer terms of the first-order output sensitivity, at float weights.
 
     ``"kl"``: the Eq. (5) Hessian traces at float weights (= the KL term's, = its GGN), with
-    ``settings.estimator`` (``ggn`` by default in params: exact there); ``"jacobian"``: the box Jacobian's
+    ``settings.estimator`` (``ggn`` by default in params: exact there), or ``kl`` when given (Out Sen Float's
+    traces with the same settings are these very numbers); ``"jacobian"``: the box Jacobian's
     row-norm sums ``S_l`` (``first_order.jacobian_row_norm_sums``); ``"l1_scale"``: Eq. (5)'s L1 normalisation
     ``1 / (images * queries)`` that turns ``S_l`` into a loss; ``"num_images"``, ``"num_queries"``.
     """
     batches = list(batches)
     names = list(quantizable_layers(model)) if layers is None else list(layers)
-    kl = sensitivity(model, batches, "out-float", settings, layers=names, progress=progress)
+    if kl is None:
+        kl = sensitivity(model, batches, "out-float", settings, layers=names, progress=progress)
     with tracing(model, names) as params:
         jac = jacobian_row_norm_sums(model, [images for images, _ in batches], params, settings,
                                      owned=rank_block(len(batches)), progress=progress)

@@ -34,7 +34,8 @@ from scipy.stats import rankdata, spearmanr
 from torch import Tensor
 
 from detrq.data.coco import CocoDetection, collate
-from detrq.evaluation.evaluate import coco_ap, evaluate, outputs_to_detections
+from detrq.evaluation.bootstrap import image_eval, weighted_ap
+from detrq.evaluation.evaluate import evaluate, outputs_to_detections
 from detrq.io.cache import cache_key, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.results import environment, write_json_atomic
@@ -101,6 +102,9 @@ class MeasureSettings:
     batch_size: int = 50  # Hessian images per forward pass
     ap_batch_size: int = 8  # val images per forward pass (padding depends on it, so it is part of the AP)
     ap_images: int | None = None  # val images of the AP scan: a seeded sample of this many (``ap_subset``); None: all
+    # Smaller AP scans nested in it (how many images rho needs): the AP of a seeded sample of n of the scan's images
+    # from the same detections (``measure_ap_drops``); sizes not below the scan's are left out.
+    ap_subsets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         widths = [*self.bits, *self.ap_bits, *([] if self.reference_bits is None else [self.reference_bits])]
@@ -112,6 +116,8 @@ class MeasureSettings:
             raise DetrqError("MeasureSettings: bits is empty; give at least one bit width to measure")
         if self.ap_images is not None and self.ap_images < 1:
             raise DetrqError(f"MeasureSettings: ap_images must be at least 1 or None (all), got {self.ap_images}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ap_subsets):
+            raise DetrqError(f"MeasureSettings: ap_subsets must be image counts of at least 1, got {self.ap_subsets}")
         if self.batch_size < 1 or self.ap_batch_size < 1:
             raise DetrqError(f"MeasureSettings: batch sizes must be at least 1, got {self.batch_size} and "
                              f"{self.ap_batch_size}")
@@ -212,7 +218,6 @@ def measure_layer_costs(model: DETR, batches: Sequence[Batch], settings: Measure
     return {"reference_loss": ref["loss"], "reference_terms": {"kl": ref["kl"], "l1": ref["l1"]}, "layers": costs}
 
 
-@torch.no_grad()
 def ap_subset(ids: Sequence[int], n: int | None, seed: int = AP_SUBSET_SEED) -> list[int]:
     """The val images of an AP scan on ``n`` of ``ids``: a uniform sample drawn with ``seed``, in id order (all of
     them when ``n`` is None or not smaller)."""
@@ -222,23 +227,30 @@ def ap_subset(ids: Sequence[int], n: int | None, seed: int = AP_SUBSET_SEED) -> 
     return sorted(random.Random(seed).sample(ids, n))
 
 
+@torch.no_grad()
 def measure_ap_drops(model: DETR, dataset: CocoDetection, settings: MeasureSettings = MeasureSettings(), *,
                      layers: Iterable[str] | None = None, batch_size: int = 8, progress: bool = False
                      ) -> dict[str, Any]:
     """Val COCO AP with one layer at b bits (Eq. (6)), the rest float, for each b in ``settings.ap_bits``.
 
-    Returns ``{"float": AP, "layers": {name: {b: AP}}, "drop": {name: {b: float AP - AP}}}`` (a positive drop
-    means quantizing the layer hurts). Detections and metrics are ``detrq.evaluation.evaluate``'s
-    (``outputs_to_detections``, and ``coco_ap``: ``coco_metrics``' AP), with ``batch_size`` images per pass as
-    ``evaluate`` pads them. Up to ``MAX_CACHED_IMAGES`` images the images, their float backbone features and
-    encoder memory are held in memory and only what follows the quantized layer is rerun; a larger set is
-    streamed through ``evaluate`` for every layer and width.
+    Returns ``{"float": AP, "layers": {name: {b: AP}}, "drop": {name: {b: float AP - AP}}, "subsets": {n:
+    {"images": ids, "float", "layers", "drop"}}}`` (a positive drop means quantizing the layer hurts; one subset
+    per ``settings.ap_subsets`` size below the set's, ``ap_subset(dataset.ids, n)``). Detections are
+    ``detrq.evaluation.evaluate``'s (``outputs_to_detections``), with ``batch_size`` images per pass as ``evaluate``
+    pads them. Each detection set is matched once (``bootstrap.image_eval``) and scored on the whole set and on
+    each subset by ``bootstrap.weighted_ap`` with 0/1 weights: the same numbers as pycocotools on those images
+    (``coco_metrics``' AP), without running the model or the matching again per subset. Up to
+    ``MAX_CACHED_IMAGES`` images the images, their float backbone features and encoder memory are held in memory
+    and only what follows the quantized layer is rerun; a larger set is streamed through ``evaluate`` for every
+    layer and width.
     """
     names = _layer_names(model, layers)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stream = len(dataset) > MAX_CACHED_IMAGES
+    sizes = sorted({n for n in settings.ap_subsets if n < len(dataset)})
+    subsets = {n: ap_subset(dataset.ids, n) for n in sizes}
     try:
         cache: list[tuple[_Cached, list[dict[str, Any]]]] = []
         if not stream:
@@ -247,17 +259,24 @@ def measure_ap_drops(model: DETR, dataset: CocoDetection, settings: MeasureSetti
             for images, targets in loader:
                 cache.append((_Cached.of(model, [im.to(device) for im in images]), targets))
 
-        def run(name: str | None) -> float:
-            """The AP of the model as it is now; ``name`` is the one quantized layer (None: float)."""
+        def run(name: str | None) -> dict[int | None, float]:
+            """The AP of the model as it is now on the whole set (key None) and on each subset (key n); ``name``
+            is the one quantized layer (None: float)."""
             if stream:
-                return evaluate(model, dataset, batch_size=batch_size, device=device, progress=False)["AP"]
-            detections: list[dict[str, Any]] = []
-            for c, targets in cache:
-                detections.extend(outputs_to_detections(c.outputs(model, name), targets))
-            return coco_ap(dataset.coco, detections, dataset.ids)
+                detections = evaluate(model, dataset, batch_size=batch_size, device=device,
+                                      progress=False)["detections"]
+            else:
+                detections = []
+                for c, targets in cache:
+                    detections.extend(outputs_to_detections(c.outputs(model, name), targets))
+            ev = image_eval(dataset.coco, detections, dataset.ids)
+            aps = {None: weighted_ap(ev)}
+            for n, ids in subsets.items():
+                aps[n] = weighted_ap(ev, np.isin(ev.image_ids, ids).astype(np.float64))
+            return aps
 
         float_ap = run(None)
-        aps: dict[str, dict[int, float]] = {}
+        aps: dict[str, dict[int, dict[int | None, float]]] = {}
         for name in _progress(names, "AP scan", progress):
             aps[name] = {}
             for b in settings.ap_bits:
@@ -265,8 +284,13 @@ def measure_ap_drops(model: DETR, dataset: CocoDetection, settings: MeasureSetti
                     aps[name][b] = run(name)
     finally:
         model.train(was_training)
-    drops = {n: {b: float_ap - ap for b, ap in per.items()} for n, per in aps.items()}
-    return {"float": float_ap, "layers": aps, "drop": drops}
+
+    def scan(n: int | None) -> dict[str, Any]:
+        layers_ap = {name: {b: per[n] for b, per in by_bits.items()} for name, by_bits in aps.items()}
+        return {"float": float_ap[n], "layers": layers_ap,
+                "drop": {name: {b: float_ap[n] - ap for b, ap in per.items()} for name, per in layers_ap.items()}}
+
+    return {**scan(None), "subsets": {n: {"images": ids, **scan(n)} for n, ids in subsets.items()}}
 
 
 def _rho_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -366,8 +390,11 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
         "annotations": eval_set.annotations_sha256}
     # As JSON holds them (tuples become lists), so that a fresh result equals the file a cache hit returns.
     settings_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
-    if settings.ap_images is None:  # all val images: out of the key, as before the subset existed
+    # Left out of the key at their defaults, so that the files made before these settings existed keep their keys.
+    if settings.ap_images is None:
         del settings_dict["ap_images"]
+    if not settings.ap_subsets:
+        del settings_dict["ap_subsets"]
     # Eq. (6) stays out of the key and the file, so that the measured costs made before quantizers existed
     # keep their keys.
     extra = {} if quantizer.name == "eq6" else {"quantizer": quantizer.key}
@@ -392,7 +419,9 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
         drops = measure_ap_drops(model, eval_set, settings, batch_size=settings.ap_batch_size, progress=progress)
         seconds["ap_drops"] = time.perf_counter() - t
         ap = {"float": drops["float"], "layers": _str_keys(drops["layers"]), "drop": _str_keys(drops["drop"]),
-              "split": eval_split, "num_images": len(eval_set), "batch_size": settings.ap_batch_size}
+              "split": eval_split, "num_images": len(eval_set), "batch_size": settings.ap_batch_size,
+              "subsets": {str(n): {"images": sub["images"], "float": sub["float"], "layers": _str_keys(sub["layers"]),
+                                   "drop": _str_keys(sub["drop"])} for n, sub in drops["subsets"].items()}}
     seconds["total"] = time.perf_counter() - start
     result = {
         "cache_key": key, "checkpoint_sha256": checkpoint_sha, "split": split, "image_ids": image_ids,
@@ -405,17 +434,26 @@ def run_measured_costs(model: DETR, checkpoint_sha: str, root: str | Path, split
     return result
 
 
-def measured_table(result: Mapping[str, Any], key: str = "rise") -> dict[str, dict[int, float]]:
+def measured_table(result: Mapping[str, Any], key: str = "rise", subset: int | None = None
+                   ) -> dict[str, dict[int, float]]:
     """``{layer: {bits: value}}`` with integer bit widths, from a ``run_measured_costs`` result (or file contents).
 
     ``key``: ``"rise"``, ``"kl"`` or ``"l1"`` (the Eq. (5) scan), ``"ap"`` (the AP with the layer quantized) or
-    ``"ap_drop"`` (float AP minus it).
+    ``"ap_drop"`` (float AP minus it); ``subset``: for the AP keys, the scan on that many of its images
+    (``MeasureSettings.ap_subsets``) instead of all.
     """
     if key in COST_KEYS:
         return {name: {int(b): float(v[key]) for b, v in per.items()} for name, per in result["layers"].items()}
     if key in AP_KEYS:
         if not result.get("ap"):
             raise DetrqError("this measured-costs result has no AP scan: run it with non-empty ap_bits")
-        table = result["ap"]["layers" if key == "ap" else "drop"]
+        scan = result["ap"]
+        if subset is not None:
+            held = scan.get("subsets") or {}
+            if str(subset) not in held:
+                raise DetrqError(f"this AP scan has no subset of {subset} images (it has: "
+                                 f"{', '.join(sorted(held, key=int)) or 'none'}); add it to ap_subsets")
+            scan = held[str(subset)]
+        table = scan["layers" if key == "ap" else "drop"]
         return {name: {int(b): float(v) for b, v in per.items()} for name, per in table.items()}
     raise DetrqError(f"measured_table: key must be one of {COST_KEYS + AP_KEYS}, got {key!r}")
