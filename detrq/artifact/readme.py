@@ -84,8 +84,9 @@ def runtime_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
 
 def runtime_compact_markdown(runtimes: dict[str, dict[str, Any]]) -> str:
     """The front page's runtime line: each part's total from its last accepted from-scratch run."""
-    return "\n".join(f"- `{command}`: {runtime['total_seconds'] / 60:.0f} minutes from scratch on {runtime['cpu']} "
-                     f"({runtime['threads_available']} cores, no GPU)" for command, runtime in runtimes.items()) + "\n"
+    return "\n".join(f"- `{command}`: {runtime['total_seconds'] / 60:.0f} minutes from scratch on "
+                     f"{cpu_label(runtime['cpu'], runtime.get('cpu_isa'))} ({runtime['threads_available']} cores, "
+                     "no GPU)" for command, runtime in runtimes.items()) + "\n"
 
 
 def table1_compact_section(table: dict[str, Any]) -> str:
