@@ -1,7 +1,8 @@
 """Inference over a COCO-layout dataset and pycocotools bbox evaluation, as official DETR evaluates.
 
-Every prediction (no threshold, no top-k) goes to COCOeval; the returned dict holds the standard
-metrics, per-class AP and the evaluation protocol (image count, batch size, size policy, device).
+Every prediction (no threshold, no top-k) goes to COCOeval (its per-image matching in the exact, vectorised form of
+``fast_match.FastCOCOeval``); the returned dict holds the standard metrics, per-class AP and the evaluation protocol
+(image count, batch size, size policy, device).
 
 Inside a torchrun process group each rank runs a contiguous block of whole batches (the same batches, so the
 same padding, as one process), rank 0 gathers the detections in order and runs COCOeval once: its metrics are
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from detrq.data.coco import CocoDetection, collate
+from detrq.evaluation.fast_match import FastCOCOeval
 from detrq.io.errors import DetrqError
 from detrq.parallel import distributed
 
@@ -62,7 +64,7 @@ def _accumulated(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids:
             coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
                                "annotations": []}
             coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = FastCOCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.imgIds = ids
         if ap_only:
             restrict_to_ap(evaluator)
