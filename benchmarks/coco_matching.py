@@ -22,7 +22,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 from detrq.data.loading import eval_dataset
-from detrq.evaluation.evaluate import coco_metrics, evaluate, restrict_to_ap
+from detrq.evaluation.evaluate import coco_metrics, evaluate, load_results, restrict_to_ap
 from detrq.evaluation.fast_match import FastCOCOeval
 from detrq.io.paths import PROJECT_ROOT
 from detrq.io.results import cpu_int8_isa, cpu_label, cpu_model
@@ -59,7 +59,7 @@ def main() -> None:
     print(f"one evaluation of {len(dataset)} val images, 1 thread: {total:.2f} s, of which COCO metrics "
           f"{metrics:.2f} s (with the fast matching)")
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = dataset.coco.loadRes([dict(d) for d in result["detections"]])
+        coco_dt = load_results(dataset.coco, result["detections"])
     for ap_only, what in ((False, "every area range (coco_metrics)"), (True, "restrict_to_ap (an AP alone)")):
         stock = matching_seconds(COCOeval, coco_dt, dataset, ap_only, args.repeat)
         fast = matching_seconds(FastCOCOeval, coco_dt, dataset, ap_only, args.repeat)

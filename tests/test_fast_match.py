@@ -11,7 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detrq.evaluation.evaluate import restrict_to_ap
+from detrq.evaluation.evaluate import load_results, restrict_to_ap
 from detrq.evaluation.fast_match import FastCOCOeval
 
 KEYS = ("image_id", "category_id", "aRng", "maxDet", "dtIds", "gtIds", "dtMatches", "gtMatches", "dtScores",
@@ -63,13 +63,7 @@ def _world(seed: int, n_images: int = 40, n_cats: int = 4) -> tuple[COCO, list[d
 
 def _run(cls: type[COCOeval], gt: COCO, dets: list[dict[str, Any]], ids: list[int], ap_only: bool) -> COCOeval:
     with contextlib.redirect_stdout(io.StringIO()):
-        if dets:
-            dt = gt.loadRes([dict(d) for d in dets])
-        else:
-            dt = COCO()
-            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
-            dt.createIndex()
-        ev = cls(gt, dt, iouType="bbox")
+        ev = cls(gt, load_results(gt, dets), iouType="bbox")
         ev.params.imgIds = ids
         if ap_only:
             restrict_to_ap(ev)

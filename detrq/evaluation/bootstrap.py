@@ -26,7 +26,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from detrq.evaluation.evaluate import restrict_to_ap
+from detrq.evaluation.evaluate import load_results, restrict_to_ap
 from detrq.evaluation.fast_match import FastCOCOeval
 from detrq.io.errors import DetrqError
 from detrq.io.results import atomic_output
@@ -115,17 +115,6 @@ class ImageEval:
     categories: tuple[CategoryEval, ...]
 
 
-def _load_results(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
-    if detections:
-        return coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it gets
-    # loadRes cannot take an empty list (as in detrq.evaluation.evaluate.coco_metrics).
-    coco_dt = COCO()
-    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                       "annotations": []}
-    coco_dt.createIndex()
-    return coco_dt
-
-
 def image_eval(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> ImageEval:
     """Run pycocotools' ``COCOeval.evaluate`` (bbox; area "all", 100 detections: ``restrict_to_ap``; its exact
     vectorised form ``fast_match.FastCOCOeval``) once on
@@ -136,7 +125,7 @@ def image_eval(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: S
     if not ids:
         raise DetrqError("image_ids is empty: nothing to evaluate")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco_dt = _load_results(coco_gt, detections)
+        coco_dt = load_results(coco_gt, detections)
         ev = FastCOCOeval(coco_gt, coco_dt, iouType="bbox")
         ev.params.imgIds = ids
         restrict_to_ap(ev)

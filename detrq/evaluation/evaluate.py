@@ -46,6 +46,19 @@ def restrict_to_ap(evaluator: COCOeval) -> None:
     evaluator.params.maxDets = [100]
 
 
+def load_results(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
+    """``detections`` as a pycocotools result set on ``coco_gt`` (pycocotools prints while loading: callers
+    silence stdout)."""
+    if detections:
+        return coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it gets: copies
+    # loadRes cannot take an empty list; an empty result set evaluates to 0 AP instead.
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
 def _accumulated(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int],
                  ap_only: bool = False) -> COCOeval:
     """COCOeval of ``detections`` on ``image_ids`` after ``evaluate`` and ``accumulate`` (stdout silenced).
@@ -55,16 +68,7 @@ def _accumulated(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids:
     ids = [int(i) for i in image_ids]
     # pycocotools prints its progress; keep stdout clean for notebooks and nbval.
     with contextlib.redirect_stdout(io.StringIO()):
-        if detections:
-            # loadRes adds keys to the dicts it gets; give it copies.
-            coco_dt = coco_gt.loadRes([dict(d) for d in detections])
-        else:
-            # loadRes cannot take an empty list; an empty result set evaluates to 0 AP instead.
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                               "annotations": []}
-            coco_dt.createIndex()
-        evaluator = FastCOCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = FastCOCOeval(coco_gt, load_results(coco_gt, detections), iouType="bbox")
         evaluator.params.imgIds = ids
         if ap_only:
             restrict_to_ap(evaluator)
