@@ -150,9 +150,9 @@ def run_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, m
     holds Eq. (5)'s ``l1_scale``. Its KL term is Out Sen Float with the same settings (the same probes, the same
     numbers): with ``kl_source``, the Out Sen Float traces file for these very settings (``kl_sources`` finds it), it
     is read from there (computed into it first when that file does not hold them), so the two are estimated once, and
-    ``seconds`` adds that file's. A sharded ``launch`` computes both terms in its ranks. For ModelOpt's
-    score (``sensitivity.modelopt``) each layer holds one estimate per
-    bit width of ``bits_range``, made with ``quantizer`` (both enter the key for it alone). A sharded ``launch``
+    ``seconds`` adds that file's; a sharded ``launch`` computes both terms in its ranks. For ModelOpt's score
+    (``sensitivity.modelopt``) each layer holds one estimate per bit width of ``bits_range``, made with
+    ``quantizer`` (both enter the key for it alone). A sharded ``launch``
     computes it in torchrun ranks (``launch.device``; not ModelOpt's); inside a process group every rank returns the
     result and rank 0 writes it.
     """
