@@ -251,6 +251,9 @@ def measure_ap_drops(model: DETR, dataset: CocoDetection, settings: MeasureSetti
     stream = len(dataset) > MAX_CACHED_IMAGES
     sizes = sorted({n for n in settings.ap_subsets if n < len(dataset)})
     subsets = {n: ap_subset(dataset.ids, n) for n in sizes}
+    # 0/1 weights of each subset over image_eval's images (the ids ascending), made once for every run.
+    ascending = np.array(sorted(int(i) for i in dataset.ids))
+    weights = {n: np.isin(ascending, ids).astype(np.float64) for n, ids in subsets.items()}
     try:
         cache: list[tuple[_Cached, list[dict[str, Any]]]] = []
         if not stream:
@@ -271,8 +274,8 @@ def measure_ap_drops(model: DETR, dataset: CocoDetection, settings: MeasureSetti
                     detections.extend(outputs_to_detections(c.outputs(model, name), targets))
             ev = image_eval(dataset.coco, detections, dataset.ids)
             aps = {None: weighted_ap(ev)}
-            for n, ids in subsets.items():
-                aps[n] = weighted_ap(ev, np.isin(ev.image_ids, ids).astype(np.float64))
+            for n, w in weights.items():
+                aps[n] = weighted_ap(ev, w)
             return aps
 
         float_ap = run(None)
