@@ -7,8 +7,9 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
 from detrq.data import synthetic
@@ -81,6 +82,24 @@ def test_valid_coco(tiny: tuple[Path, dict]) -> None:
     info = json.loads((root / "annotations" / "instances_train.json").read_text())["info"]
     assert info["seed"] == 0 and info["generator"] == synthetic.GENERATOR_VERSION
     assert info["spec"]["image_size"] == SyntheticSpec().image_size
+
+
+def test_occlusion_masks_are_the_mode_1_drawings() -> None:
+    # Placement draws its 1x occlusion masks in mode "L" for speed; the stored datasets were made from mode "1"
+    # drawings, so both must set the same pixels (bit counts included) or the generated objects would change.
+    rng = np.random.default_rng(0)
+    for points in synthetic._TEMPLATE_POINTS.values():
+        for _ in range(50):
+            radius, angle, dx, dy = rng.uniform(2, 90), rng.uniform(0, 7), *rng.uniform(-40, 170, 2)
+            c, s = np.cos(angle), np.sin(angle)
+            polygon = [(x * radius * c - y * radius * s + dx, x * radius * s + y * radius * c + dy) for x, y in points]
+            drawings = {mode: Image.new(mode, (128, 128), 0) for mode in ("1", "L")}
+            for im in drawings.values():
+                ImageDraw.Draw(im).polygon(polygon, fill=1)
+            reference = np.asarray(drawings["1"])
+            bits = synthetic._mask_bits(drawings["L"])
+            assert bits == int.from_bytes(np.packbits(reference).tobytes(), "big")
+            assert bits.bit_count() == int(reference.sum())
 
 
 def test_sizes_span_coco_area_ranges(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ Layout written (read by ``detrq.data.coco``)::
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
+import operator
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,39 +219,42 @@ class _Placed:
     x0: int  # crop origin of ``alpha`` in the image
     y0: int
     alpha: np.ndarray  # (h, w) coverage counts in 0..supersample^2
-    mask: np.ndarray  # (size, size) bool, a 1x drawing used only to limit occlusion
+    mask: int  # a 1x drawing used only to limit occlusion, one bit per pixel (see ``_mask_bits``)
     bbox: list[float]
     area: float
 
 
-def _rotated(template: np.ndarray, radius: float, angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    x, y = template[:, 0] * radius, template[:, 1] * radius
-    return np.stack([x * c - y * s, x * s + y * c], axis=1)
+# The templates as Python floats: placement works on a few dozen vertices at a time, where numpy's per-call
+# overhead dominates, and the same scalar operations in the same order give the same IEEE results.
+_TEMPLATE_POINTS = {name: [(x, y) for x, y in v.tolist()] for name, v in TEMPLATES.items()}
 
 
-def _rasterize(verts: np.ndarray, size: int, ss: int) -> tuple[int, int, np.ndarray, list[float], float] | None:
-    """Draw a polygon (image coordinates) at ``ss`` times the resolution on its clipped pixel crop.
+def _rasterize(
+    xs: list[float], ys: list[float], size: int, ss: int
+) -> tuple[int, int, np.ndarray, list[float], float] | None:
+    """Draw a polygon (vertices in image coordinates) at ``ss`` times the resolution on its clipped pixel crop.
 
     Returns the crop origin, coverage counts per pixel (0..ss^2), the tight box of the hi-res drawing
     in pixels, and the covered area in pixels; None if nothing lands in the image. Box and area come
     from the same hi-res pixels, so 0 < area <= w * h holds exactly.
     """
-    x0, y0 = max(0, math.floor(verts[:, 0].min())), max(0, math.floor(verts[:, 1].min()))
-    x1, y1 = min(size, math.ceil(verts[:, 0].max())), min(size, math.ceil(verts[:, 1].max()))
+    x0, y0 = max(0, math.floor(min(xs))), max(0, math.floor(min(ys)))
+    x1, y1 = min(size, math.ceil(max(xs))), min(size, math.ceil(max(ys)))
     if x1 <= x0 or y1 <= y0:
         return None
     canvas = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
     # Pillow puts hi-res pixel k's centre at coordinate k; ours is at (k + 0.5) / ss, hence the -0.5.
-    pts = (verts - np.array([x0, y0])) * ss - 0.5
-    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in pts], fill=1)
-    hi = np.asarray(canvas)
-    rows, cols = np.nonzero(hi.any(axis=1))[0], np.nonzero(hi.any(axis=0))[0]
-    if rows.size == 0:
+    ImageDraw.Draw(canvas).polygon([((x - x0) * ss - 0.5, (y - y0) * ss - 0.5) for x, y in zip(xs, ys)], fill=1)
+    tight = canvas.getbbox()
+    if tight is None:
         return None
-    bbox = [x0 + cols[0] / ss, y0 + rows[0] / ss, (cols[-1] + 1 - cols[0]) / ss, (rows[-1] + 1 - rows[0]) / ss]
-    alpha = hi.reshape(y1 - y0, ss, x1 - x0, ss).sum(axis=(1, 3), dtype=np.int32)
-    return x0, y0, alpha, [float(v) for v in bbox], float(alpha.sum()) / (ss * ss)
+    left, upper, right, lower = tight
+    bbox = [x0 + left / ss, y0 + upper / ss, (right - left) / ss, (lower - upper) / ss]
+    # Coverage per pixel, the sum of its ss x ss block: adding strided column slices is several times faster
+    # than reducing a short trailing axis, and integer sums do not depend on their order.
+    rows = np.asarray(canvas).reshape(y1 - y0, ss, -1).sum(axis=1, dtype=np.int32)
+    alpha = sum(rows[:, j::ss] for j in range(ss))
+    return x0, y0, alpha, bbox, float(alpha.sum()) / (ss * ss)
 
 
 def _box_iou(a: list[float], b: list[float]) -> float:
@@ -261,19 +266,25 @@ def _box_iou(a: list[float], b: list[float]) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
-def _occlusion_ok(placed: list[_Placed], z: int, mask: np.ndarray, min_visible: float) -> bool:
+def _mask_bits(canvas: Image.Image) -> int:
+    """A mode "L" drawing of 0s and 1s as an int with one bit per pixel, so that the occlusion tests below
+    are big-integer ``&``, ``|`` and ``bit_count`` over the whole image (each far cheaper than a numpy call)."""
+    return int.from_bytes(np.packbits(np.frombuffer(canvas.tobytes(), dtype=np.uint8)).tobytes(), "big")
+
+
+def _occlusion_ok(placed: list[_Placed], z: int, mask: int, min_visible: float) -> bool:
     """Whether adding ``mask`` at depth ``z`` keeps every object at least ``min_visible`` unoccluded."""
 
-    def visible(own: np.ndarray, covers: list[np.ndarray]) -> bool:
+    def visible(own: int, covers: list[int]) -> bool:
         if not covers:
             return True
-        total = int(own.sum())
-        return total == 0 or int((own & np.logical_or.reduce(covers)).sum()) <= (1 - min_visible) * total
+        total = own.bit_count()
+        return total == 0 or (own & functools.reduce(operator.or_, covers)).bit_count() <= (1 - min_visible) * total
 
     if not visible(mask, [p.mask for p in placed if p.z > z]):
         return False
     # Only objects underneath the new one and touching it lose visibility.
-    below = [o for o in placed if o.z < z and (o.mask & mask).any()]
+    below = [o for o in placed if o.z < z and o.mask & mask]
     return all(visible(o.mask, [p.mask for p in placed if p.z > o.z] + [mask]) for o in below)
 
 
@@ -289,25 +300,35 @@ def _place(
 ) -> _Placed | None:
     """Try random rotations and positions until one keeps box IoU and occlusion in bounds; None if none does."""
     size, t = spec.image_size, spec.max_truncation
+    scaled = [(x * radius, y * radius) for x, y in _TEMPLATE_POINTS[shape]]
+    canvas = Image.new("L", (size, size), 0)  # every attempt's 1x drawing, cleared once read
+    draw = ImageDraw.Draw(canvas)
     for _ in range(spec.max_attempts):
-        verts = _rotated(TEMPLATES[shape], radius, rng.uniform(0, 2 * math.pi))
-        lo, hi = verts.min(axis=0), verts.max(axis=0)
-        extent = hi - lo
-        c_lo, c_hi = -lo - t * extent, size - hi + t * extent
-        if np.any(c_lo > c_hi):
+        angle = rng.uniform(0, 2 * math.pi)
+        c, s = math.cos(angle), math.sin(angle)
+        xs, ys = [x * c - y * s for x, y in scaled], [x * s + y * c for x, y in scaled]
+        lo_x, lo_y, hi_x, hi_y = min(xs), min(ys), max(xs), max(ys)
+        ext_x, ext_y = hi_x - lo_x, hi_y - lo_y
+        c_lo_x, c_lo_y = -lo_x - t * ext_x, -lo_y - t * ext_y
+        c_hi_x, c_hi_y = size - hi_x + t * ext_x, size - hi_y + t * ext_y
+        if c_lo_x > c_hi_x or c_lo_y > c_hi_y:
             continue
-        verts = verts + np.array([rng.uniform(c_lo[0], c_hi[0]), rng.uniform(c_lo[1], c_hi[1])])
+        dx, dy = rng.uniform(c_lo_x, c_hi_x), rng.uniform(c_lo_y, c_hi_y)
         # Cheap rejections first: the analytic box, then a 1x drawing for occlusion; hi-res only once accepted.
-        b0, b1 = np.clip(verts.min(axis=0), 0, size), np.clip(verts.max(axis=0), 0, size)
-        box = [float(b0[0]), float(b0[1]), float(b1[0] - b0[0]), float(b1[1] - b0[1])]
+        # Rounding is monotonic, so the shifted extremes are exactly the extremes of the shifted vertices.
+        b0_x, b0_y = min(max(lo_x + dx, 0.0), float(size)), min(max(lo_y + dy, 0.0), float(size))
+        b1_x, b1_y = min(max(hi_x + dx, 0.0), float(size)), min(max(hi_y + dy, 0.0), float(size))
+        box = [b0_x, b0_y, b1_x - b0_x, b1_y - b0_y]
         if any(_box_iou(box, p.bbox) > spec.max_iou for p in placed):
             continue
-        canvas = Image.new("1", (size, size), 0)
-        ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in verts - 0.5], fill=1)
-        mask = np.asarray(canvas)
+        xs, ys = [x + dx for x in xs], [y + dy for y in ys]
+        # Mode "L" rasterises exactly as mode "1" (the same 8-bit polygon fill) and is cheaper to read back.
+        draw.polygon([(x - 0.5, y - 0.5) for x, y in zip(xs, ys)], fill=1)
+        mask = _mask_bits(canvas)
+        canvas.paste(0, (0, 0, size, size))
         if not _occlusion_ok(placed, z, mask, spec.min_visible):
             continue
-        raster = _rasterize(verts, size, spec.supersample)
+        raster = _rasterize(xs, ys, size, spec.supersample)
         if raster is None:
             continue
         x0, y0, alpha, bbox, area = raster
@@ -356,8 +377,10 @@ def _render_image(
     for p in placed:
         h, w = p.alpha.shape
         region = img[p.y0 : p.y0 + h, p.x0 : p.x0 + w]
-        a = p.alpha[:, :, None]
-        region[...] = (region * (q - a) + np.array(p.colour, dtype=np.int32) * a + q // 2) // q
+        # One channel at a time: broadcasting against a 3-vector runs numpy's slow length-3 inner loops.
+        for channel, value in enumerate(p.colour):
+            plane = region[:, :, channel]
+            plane[...] = (plane * (q - p.alpha) + value * p.alpha + q // 2) // q
     if spec.noise:
         lo, hi = -spec.noise, spec.noise + 1
         img += rng.integers(lo, hi, img.shape) + rng.integers(lo, hi, img.shape)
