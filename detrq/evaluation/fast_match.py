@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import gc
 from collections.abc import Iterator
 from operator import itemgetter
@@ -36,7 +37,8 @@ from pycocotools.cocoeval import COCOeval, Params
 
 
 class FastCOCOeval(COCOeval):
-    """``COCOeval`` with a vectorized ``evaluate`` for bbox evaluation (identical ``evalImgs``)."""
+    """``COCOeval`` with a vectorized ``evaluate`` for bbox evaluation (identical ``evalImgs``) and ``accumulate``
+    (identical ``eval``)."""
 
     def evaluate(self) -> None:
         p = self.params
@@ -56,6 +58,64 @@ class FastCOCOeval(COCOeval):
         self.evalImgs = eval_imgs
         self.eval = {}
         self._paramsEval = copy.deepcopy(p)
+
+    def accumulate(self, p: Params | None = None) -> None:
+        """pycocotools' ``accumulate`` with its per-IoU-threshold Python loops as array operations: the same
+        ``eval`` (precision, recall, scores), value for value. The precision envelope is a reversed running
+        maximum, and a maximum rounds nothing; the cumulative sums and divisions are pycocotools' own, element
+        for element."""
+        if not self.evalImgs:
+            super().accumulate(p)  # pycocotools' message and state for an evaluation that never ran
+            return
+        p = self.params if p is None else p
+        p.catIds = p.catIds if p.useCats == 1 else [-1]
+        n_thr, n_rec, n_area, n_max = len(p.iouThrs), len(p.recThrs), len(p.areaRng), len(p.maxDets)
+        n_cat = len(p.catIds) if p.useCats else 1
+        precision = -np.ones((n_thr, n_rec, n_cat, n_area, n_max))  # -1 for the precision of absent categories
+        recall = -np.ones((n_thr, n_cat, n_area, n_max))
+        scores = -np.ones((n_thr, n_rec, n_cat, n_area, n_max))
+        pe = self._paramsEval
+        set_k, set_a = set(pe.catIds if pe.useCats else [-1]), set(map(tuple, pe.areaRng))
+        set_m, set_i = set(pe.maxDets), set(pe.imgIds)
+        k_list = [n for n, k in enumerate(p.catIds) if k in set_k]
+        m_list = [m for m in p.maxDets if m in set_m]
+        a_list = [n for n, a in enumerate(map(tuple, p.areaRng)) if a in set_a]
+        i_list = [n for n, i in enumerate(p.imgIds) if i in set_i]
+        n_img0, n_area0 = len(pe.imgIds), len(pe.areaRng)
+        for k, k0 in enumerate(k_list):
+            for a, a0 in enumerate(a_list):
+                start = k0 * n_area0 * n_img0 + a0 * n_img0
+                evals = [e for e in (self.evalImgs[start + i] for i in i_list) if e is not None]
+                for m, max_det in enumerate(m_list):
+                    if not evals:
+                        continue
+                    dt_scores = np.concatenate([e["dtScores"][0:max_det] for e in evals])
+                    order = np.argsort(-dt_scores, kind="mergesort")  # pycocotools' (Matlab's) order
+                    sorted_scores = dt_scores[order]
+                    dtm = np.concatenate([e["dtMatches"][:, 0:max_det] for e in evals], axis=1)[:, order]
+                    dt_ig = np.concatenate([e["dtIgnore"][:, 0:max_det] for e in evals], axis=1)[:, order]
+                    npig = np.count_nonzero(np.concatenate([e["gtIgnore"] for e in evals]) == 0)
+                    if npig == 0:
+                        continue
+                    tp = np.cumsum(np.logical_and(dtm, np.logical_not(dt_ig)), axis=1).astype(dtype=float)
+                    fp = np.cumsum(np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig)), axis=1).astype(
+                        dtype=float)
+                    n_det = tp.shape[1]
+                    if n_det == 0:  # ground truth without detections: nothing recalled
+                        precision[:, :, k, a, m], scores[:, :, k, a, m], recall[:, k, a, m] = 0.0, 0.0, 0.0
+                        continue
+                    rc = tp / npig
+                    pr = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+                    recall[:, k, a, m] = rc[:, -1]
+                    for t in range(n_thr):
+                        at = np.searchsorted(rc[t], p.recThrs, side="left")
+                        reached = at < n_det  # recall levels never reached keep precision and score 0
+                        last = np.minimum(at, n_det - 1)
+                        precision[t, :, k, a, m] = np.where(reached, pr[t, last], 0.0)
+                        scores[t, :, k, a, m] = np.where(reached, sorted_scores[last], 0.0)
+        self.eval = {"params": p, "counts": [n_thr, n_rec, n_cat, n_area, n_max],
+                     "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+                     "precision": precision, "recall": recall, "scores": scores}
 
 
 @contextlib.contextmanager

@@ -83,7 +83,30 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+        # Added in place to the fresh product: one full-size tensor less, the same two roundings.
+        return (x * scale.reshape(1, -1, 1, 1)).add_(bias.reshape(1, -1, 1, 1))
+
+
+class StemMaxPool(nn.MaxPool2d):
+    """The ResNet stem's 3x3, stride-2, padding-1 max-pool.
+
+    Without autograd (every evaluation and measured-cost scan) it is taken as two passes of strided maxima, over
+    columns then rows: the same numbers as ``max_pool2d`` (a maximum rounds nothing), about 4x faster on a CPU,
+    where it was a tenth of an evaluation. With autograd ``max_pool2d`` runs: its backward sends a tied window's
+    gradient to one element, ``torch.maximum``'s would split it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+        h, w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+        cols = torch.maximum(torch.maximum(p[..., 0:2 * w - 1:2], p[..., 1:2 * w:2]), p[..., 2:2 * w + 1:2])
+        return torch.maximum(torch.maximum(cols[..., 0:2 * h - 1:2, :], cols[..., 1:2 * h:2, :]),
+                             cols[..., 2:2 * h + 1:2, :])
 
 
 class NarrowResNet(nn.Module):
@@ -98,7 +121,7 @@ class NarrowResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False)
         self.bn1 = norm_layer(stem)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = StemMaxPool()
         inplanes = stem
         for i, planes in enumerate(stages):
             stride = 1 if i == 0 else 2
@@ -130,6 +153,7 @@ def build_trunk(cfg: DetrConfig, norm_layer=FrozenBatchNorm2d) -> tuple[nn.Modul
         # torchvision's ResNets are v1.5 (stride on the 3x3 conv), as in the official DETR.
         resnet = getattr(torchvision.models, cfg.backbone)(
             weights=None, replace_stride_with_dilation=[False, False, cfg.dilation], norm_layer=norm_layer)
+        resnet.maxpool = StemMaxPool()  # the same pool (parameter-free), faster without autograd
         return IntermediateLayerGetter(resnet, return_layers={"layer4": "0"}), RESNETS[cfg.backbone]
     if cfg.dilation:
         raise DetrqError("dilation applies to ResNet trunks only, not the narrow trunk")
