@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detrq.io.errors import DetrqError
-from detrq.models.detr import PositionEmbeddingSine, build_detr, guess_preset, load_checkpoint, pad_images, postprocess
+from detrq.models.detr import (PositionEmbeddingSine, StemMaxPool, build_detr, guess_preset, load_checkpoint,
+                               pad_images, postprocess)
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "detr_r50_state_dict_manifest.json"
 torch.set_num_threads(1)
@@ -123,3 +125,15 @@ def test_guess_preset_and_bare_state_dict(tmp_path):
     assert guess_preset(model.state_dict()) == "tiny"
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     load_checkpoint(build_detr("tiny"), tmp_path / "bare.pth")
+
+
+def test_the_stem_max_pool_without_autograd_is_max_pool2d():
+    pool = StemMaxPool()
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 64, 64), (1, 4, 63, 65), (1, 2, 5, 7), (1, 1, 1, 1), (1, 1, 2, 3)]:
+        x = torch.randn(shape, generator=generator).relu()  # as after the stem's ReLU: ties at 0 included
+        with torch.no_grad():
+            fast = pool(x)
+        assert fast.dtype == x.dtype and torch.equal(fast, F.max_pool2d(x, 3, 2, 1)), shape
+    x = torch.randn(1, 2, 6, 6, generator=generator, requires_grad=True)
+    assert pool(x).grad_fn is not None  # with autograd: max_pool2d itself, whose backward is torch's
