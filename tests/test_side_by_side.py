@@ -9,11 +9,12 @@ import torch
 from detrq.artifact.pipeline import Scheme, run_all_traces, traces_path
 from detrq.artifact.workers import EvaluationJob, run_evaluations, run_scheme_traces
 from detrq.data.loading import eval_dataset
+from detrq.evaluation.evaluate import TRUNK_PREFIX, TrunkCache, evaluate
 from detrq.io.errors import DetrqError
 from detrq.models.loading import load_model
 from detrq.parallel.launch import Launch
 from detrq.parallel.pool import WorkerError, run_jobs
-from detrq.quant.bitmaps import uniform_bit_map
+from detrq.quant.bitmaps import quantized, uniform_bit_map
 from detrq.sensitivity import TraceSettings
 from worlds import tiny_world
 
@@ -93,6 +94,34 @@ def test_evaluations_side_by_side_equal_one_process_and_run_each_key_once(world,
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     run_evaluations(model, sha, dataset, jobs(tmp_path / "again" / "evaluations"), batch_size=2, launch=launch)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # another folder: nothing rewritten
+
+
+def test_evaluations_that_quantize_the_backbone_alike_run_it_once(world, monkeypatch):
+    root, model, sha, _ = world
+    dataset = eval_dataset(model, root / "data", "val")
+    four = uniform_bit_map(model, 4)
+    head_layer = next(n for n in four if not n.startswith(TRUNK_PREFIX))
+    trunk_layer = next(n for n in four if n.startswith(TRUNK_PREFIX))
+    trunk, features, runs = TrunkCache(), model.features, []
+
+    def counted(images):
+        runs.append(len(images))
+        return features(images)
+
+    monkeypatch.setattr(model, "features", counted)
+    backbone_runs = []
+    for bit_map in (four, {**four, head_layer: 8}, {**four, trunk_layer: 8}, four):
+        with quantized(model, bit_map):
+            plain = evaluate(model, dataset, batch_size=4, progress=False)
+            runs.clear()
+            shared = evaluate(model, dataset, batch_size=4, progress=False, trunk=trunk)
+        backbone_runs.append(len(runs))
+        assert shared["detections"] == plain["detections"]
+        assert {k: v for k, v in shared.items() if k != "detections"} == {k: v for k, v in plain.items()
+                                                                           if k != "detections"}
+    batches = -(-len(dataset) // 4)
+    # Another head layer: the features kept; another backbone layer: computed; the first again: still kept (keep=2).
+    assert backbone_runs == [batches, 0, batches, 0]
 
 
 def test_traces_side_by_side_equal_one_process(world, tmp_path):

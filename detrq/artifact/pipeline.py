@@ -27,7 +27,7 @@ from torch import nn
 from detrq.data.coco import CocoDetection, class_balanced_subset
 from detrq.data.loading import eval_dataset, hessian_batches
 from detrq.evaluation.bootstrap import save_detections
-from detrq.evaluation.evaluate import evaluate
+from detrq.evaluation.evaluate import TrunkCache, evaluate
 from detrq.io.cache import cache_key, find_twin, load_cached
 from detrq.io.errors import DetrqError
 from detrq.io.layout import kind_dir, results_file
@@ -305,13 +305,14 @@ def serves(evaluation: str | Path, keep_detections: bool) -> bool:
 def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit_map: dict[str, int],
                    out: str | Path | None, *, batch_size: int = 8, device: str = "cpu", progress: bool = True,
                    label: str | None = None, keep_detections: bool = False, quantizer: WeightQuantizer = EQ6,
-                   launch: Launch = Launch()) -> dict[str, Any] | None:
+                   launch: Launch = Launch(), trunk: TrunkCache | None = None) -> dict[str, Any] | None:
     """COCO metrics of ``model`` with ``bit_map`` applied by ``quantizer`` (restored after), cached in ``out``
     when given. The result holds the per-class AP and the ideal packed size (``size_bits``).
 
     With ``keep_detections`` the raw detections go to ``detections_path(out)`` (what the paired bootstrap
     resamples) and a cache hit needs that file too. A sharded ``launch`` evaluates in torchrun ranks (Eq. (6)
-    only; ``out`` required); inside a process group only rank 0 returns the result (the others: None).
+    only; ``out`` required); inside a process group only rank 0 returns the result (the others: None). ``trunk``
+    shares backbone features between evaluations of one process (``evaluate.TrunkCache``).
     """
     key = evaluation_key(checkpoint_sha, dataset, bit_map, batch_size, quantizer)
     cached = load_cached(out, key) if out else None
@@ -325,7 +326,7 @@ def run_evaluation(model: DETR, checkpoint_sha: str, dataset: CocoDetection, bit
         return _launch_evaluation(launch, dataset, bit_map, out, key, batch_size=batch_size, label=label,
                                   keep_detections=keep_detections, quantizer=quantizer)
     with quantized(model, bit_map, quantizer):
-        metrics = evaluate(model, dataset, batch_size=batch_size, device=device, progress=progress)
+        metrics = evaluate(model, dataset, batch_size=batch_size, device=device, progress=progress, trunk=trunk)
     if metrics is None:
         return None
     numel = {n: p.numel() for n, p in quantizable_layers(model).items()}

@@ -20,6 +20,7 @@ from detrq.artifact.pipeline import (Scheme, evaluation_folders, evaluation_key,
                                      run_evaluation, run_traces, serves, traces_key, traces_path)
 from detrq.data.coco import CocoDetection
 from detrq.data.loading import eval_dataset
+from detrq.evaluation.evaluate import TRUNK_PREFIX, TrunkCache
 from detrq.io.cache import cache_key, keys_in, load_cached
 from detrq.io.errors import DetrqError
 from detrq.models.detr import DETR
@@ -75,11 +76,19 @@ def _evaluate_side_by_side(checkpoint_sha: str, dataset: CocoDetection, jobs: Se
         return
     # Each quantizer travels once per worker (GPTQ's with its Hessians and the codes it has memoised).
     quantizers = {cache_key(quantizer=job.quantizer.key): job.quantizer for job in todo.values()}
-    items = [(job.bit_map, str(job.out), job.label, job.keep_detections, cache_key(quantizer=job.quantizer.key))
-             for job in todo.values()]
+    # A job is the evaluations whose bit maps quantize the backbone alike: one worker runs them one after another,
+    # so the backbone runs once for them (``TrunkCache``); the largest groups go first.
+    groups: dict[str, list[tuple]] = {}
+    for job in todo.values():
+        quantizer = cache_key(quantizer=job.quantizer.key)
+        trunk_bits = {n: b for n, b in job.bit_map.items() if n.startswith(TRUNK_PREFIX)}
+        groups.setdefault(cache_key(quantizer=quantizer, bits=trunk_bits), []).append(
+            (job.bit_map, str(job.out), job.label, job.keep_detections, quantizer))
+    items = sorted(groups.values(), key=len, reverse=True)
     run_jobs(launch.workers, _evaluation_worker, (launch, checkpoint_sha, str(dataset.root), dataset.split,
                                                   list(dataset.ids), batch_size, quantizers),
-             _evaluate_job, items, desc="evaluations", unit="eval", progress=progress)
+             _evaluate_group, items, desc="evaluations", unit="eval", progress=progress,
+             sizes=[len(group) for group in items])
 
 
 def _worker_model(launch: Launch, checkpoint_sha: str) -> DETR:
@@ -95,14 +104,16 @@ def _evaluation_worker(launch: Launch, checkpoint_sha: str, root: str, split: st
                        batch_size: int, quantizers: dict[str, WeightQuantizer]) -> tuple:
     model = _worker_model(launch, checkpoint_sha)
     dataset = eval_dataset(model, root, split, image_ids=image_ids)
-    return model, checkpoint_sha, dataset, batch_size, launch.device, quantizers
+    # Backbone features are smaller than the images they come from: kept only where the images are.
+    trunk = TrunkCache() if dataset.in_memory else None
+    return model, checkpoint_sha, dataset, batch_size, launch.device, quantizers, trunk
 
 
-def _evaluate_job(context: tuple, item: tuple) -> None:
-    model, sha, dataset, batch_size, device, quantizers = context
-    bit_map, out, label, keep_detections, quantizer = item
-    run_evaluation(model, sha, dataset, bit_map, out, batch_size=batch_size, device=device, progress=False,
-                   label=label, keep_detections=keep_detections, quantizer=quantizers[quantizer])
+def _evaluate_group(context: tuple, group: list[tuple]) -> None:
+    model, sha, dataset, batch_size, device, quantizers, trunk = context
+    for bit_map, out, label, keep_detections, quantizer in group:
+        run_evaluation(model, sha, dataset, bit_map, out, batch_size=batch_size, device=device, progress=False,
+                       label=label, keep_detections=keep_detections, quantizer=quantizers[quantizer], trunk=trunk)
 
 
 def run_scheme_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,

@@ -255,6 +255,11 @@ class CocoDetection(torch.utils.data.Dataset):
         if self._kept is None:
             self._kept = {}
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the transformed images are kept (``hold_in_memory``)."""
+        return self._kept is not None
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         if self._kept is None:
             return self._load(index)

@@ -80,14 +80,19 @@ def _failure(exc: BaseException) -> tuple[str, str]:
 
 
 def run_jobs(workers: int, setup: Callable[..., C], setup_args: tuple, job: Callable[[C, A], R],
-             items: Sequence[A], *, desc: str = "jobs", unit: str = "job", progress: bool = True) -> list[R]:
+             items: Sequence[A], *, desc: str = "jobs", unit: str = "job", progress: bool = True,
+             sizes: Sequence[int] | None = None) -> list[R]:
     """``[job(context, item) for item in items]`` in ``workers`` processes, where each process made its
-    ``context = setup(*setup_args)`` once. A progress bar counts the finished jobs."""
+    ``context = setup(*setup_args)`` once. A progress bar counts the finished jobs, or their ``sizes`` (the
+    ``unit``s each job holds) when given."""
     if workers < 1:
         raise DetrqError(f"workers must be a whole number >= 1, got {workers!r}")
     items = list(items)
     if not items:
         return []
+    sizes = [1] * len(items) if sizes is None else list(sizes)
+    if len(sizes) != len(items):
+        raise DetrqError(f"run_jobs: {len(sizes)} sizes for {len(items)} jobs")
     ctx = multiprocessing.get_context("spawn")
     tasks: multiprocessing.Queue = ctx.Queue()
     results: multiprocessing.Queue = ctx.Queue()
@@ -102,7 +107,7 @@ def run_jobs(workers: int, setup: Callable[..., C], setup_args: tuple, job: Call
         p.start()
     out: dict[int, Any] = {}
     try:
-        with tqdm(total=len(items), desc=f"{desc} ({count} processes)", unit=unit, disable=not progress) as bar:
+        with tqdm(total=sum(sizes), desc=f"{desc} ({count} processes)", unit=unit, disable=not progress) as bar:
             while len(out) < len(items):
                 try:
                     index, ok, value = results.get(timeout=_POLL_SECONDS)
@@ -116,7 +121,7 @@ def run_jobs(workers: int, setup: Callable[..., C], setup_args: tuple, job: Call
                     kind, message = value
                     raise DetrqError(message) if kind == "detrq" else WorkerError(f"{desc}: {message}")
                 out[index] = value
-                bar.update(1)
+                bar.update(sizes[index])
     finally:
         for p in procs:
             if p.is_alive() and len(out) < len(items):
