@@ -1,5 +1,6 @@
 """Tests of detrq.evaluation.bootstrap: the weighted COCO AP against pycocotools (unit weights, and duplicated images
-under new ids), the paired bootstrap's CIs and determinism, and the detections file format.
+under new ids), the vectorised scoring of many resamples against a plain per-resample loop (bit for bit), the paired
+bootstrap's CIs and determinism, and the detections file format.
 
 Worlds are random COCO ground truth built in memory, with images without ground truth, crowd boxes, a
 category with ground truth but no detections, one with detections but no ground truth, and an image with
@@ -19,8 +20,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detrq.evaluation.bootstrap import (image_eval, load_detections, paired_bootstrap, resample_weights,
-                                        save_detections, weighted_ap)
+from detrq.evaluation.bootstrap import (ImageEval, image_eval, load_detections, paired_bootstrap, resample_weights,
+                                        save_detections, weighted_ap, weighted_aps)
 from detrq.io.errors import DetrqError
 
 torch.set_num_threads(1)
@@ -137,6 +138,76 @@ def test_weights_equal_pycocotools_on_duplicated_images(seed: int) -> None:
         assert w.max() >= 2
         dup_gt, dup_ids, dup_dets = duplicated(coco_gt, dets, ev.image_ids, w)
         assert weighted_ap(ev, w) == pytest.approx(pycoco_ap(dup_gt, dup_dets, dup_ids), abs=1e-12)
+
+
+def loop_ap(ev: ImageEval, w: np.ndarray) -> float:
+    """pycocotools' ``accumulate`` arithmetic for one weight vector, written plainly: cumulative sums over all ranked
+    detections, one ``searchsorted`` per IoU threshold, the mean of the stacked precisions. ``weighted_aps`` must
+    give the same floats, bit for bit."""
+    w = np.asarray(w, dtype=np.float64)
+    precisions = []
+    for cat in ev.categories:
+        npig = float(cat.gt_count @ w)
+        if npig == 0:
+            continue
+        q = np.zeros((len(ev.iou_thrs), len(ev.rec_thrs)))
+        if cat.scores.size:
+            wd = w[cat.image_index]
+            tp = np.cumsum(cat.tp * wd, axis=1)
+            fp = np.cumsum(cat.fp * wd, axis=1)
+            rc = tp / npig
+            pr = tp / (fp + tp + np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+            for t in range(len(ev.iou_thrs)):
+                inds = np.searchsorted(rc[t], ev.rec_thrs, side="left")
+                ok = inds < pr.shape[1]
+                q[t, ok] = pr[t, inds[ok]]
+        precisions.append(q)
+    return float(np.mean(np.stack(precisions, axis=2))) if precisions else float("nan")
+
+
+@pytest.mark.parametrize("seed,tie_scores", [(5, False), (2, True)])
+def test_weighted_aps_equal_loop_for_any_chunk(seed: int, tie_scores: bool) -> None:
+    coco_gt, ids, dets = make_world(seed, n_images=24, tie_scores=tie_scores)
+    ev = image_eval(coco_gt, dets, ids)
+    assert any((~(c.tp | c.fp)).any() for c in ev.categories)  # crowd-matched (ignored) detections are covered
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    gt = np.stack([c.gt_count for c in ev.categories], axis=1)  # (N, K) ground truth that counts
+    absent = (gt[:, 0] == 0).astype(np.int64) * rng.integers(1, 4, n)  # category 0's images weigh 0
+    weights = np.vstack([resample_weights(n, 30, seed), np.ones(n, np.int64), (np.arange(n) % 3 == 0),
+                         absent, (gt.sum(axis=1) == 0)])  # last row: only images without ground truth
+    expected = np.array([loop_ap(ev, w) for w in weights])
+    assert np.isnan(expected[-1]) and not np.isnan(expected[:-1]).any()
+    for chunk in (1, 4, 7, 100):
+        assert np.array_equal(weighted_aps(ev, weights, chunk=chunk), expected, equal_nan=True)
+    assert np.array_equal([weighted_ap(ev, w) for w in weights], expected, equal_nan=True)
+    assert weighted_aps(ev, np.zeros((0, n))).shape == (0,)
+    for bad in (-weights[:2], weights[:2] + 0.5):
+        with pytest.raises(DetrqError, match="non-negative integers"):
+            weighted_aps(ev, bad)
+    with pytest.raises(DetrqError, match="shape"):
+        weighted_aps(ev, weights[:, 1:])
+
+
+def test_absent_category_dropped_as_pycocotools() -> None:
+    # A resample that draws none of a category's ground truth: pycocotools leaves that category's precision at -1
+    # and leaves it out of the mean; so does weighted_aps, whichever categories of the row are absent.
+    coco_gt, ids, dets = make_world(11, n_images=24)
+    ev = image_eval(coco_gt, dets, ids)
+    rng = np.random.default_rng(11)
+    gt = np.stack([c.gt_count for c in ev.categories], axis=1)
+    rows = []
+    for k in range(len(ev.categories)):
+        if gt[:, k].any():
+            rows.append((gt[:, k] == 0) * rng.integers(1, 3, len(ids)))
+    weights = np.stack(rows)
+    aps = weighted_aps(ev, weights, chunk=2)
+    for w, ap in zip(weights, aps):
+        assert (gt.T @ w == 0).any()
+        assert ap == loop_ap(ev, w)
+        dup_gt, dup_ids, dup_dets = duplicated(coco_gt, dets, ev.image_ids, w)
+        assert ap == pytest.approx(pycoco_ap(dup_gt, dup_dets, dup_ids), abs=1e-12)
 
 
 def test_paired_bootstrap() -> None:

@@ -5,10 +5,11 @@ Role in the pipeline: ``evaluate`` returns each bit map's raw detections; ``save
 detection sets on the same val images into ΔAP estimates with percentile CIs for Table 1's claims.
 
 How it is fast: pycocotools' per-image matching (``COCOeval.evaluate``) does not depend on which images a
-resample draws, only its accumulation does. So each detection set is matched ONCE (``image_eval``), and
-every resample is scored by ``weighted_ap``: pycocotools' ``accumulate`` interpolation, vectorised, with
-image k counted ``weights[k]`` times. Resampling ``params.imgIds`` with duplicates would be wrong:
-COCOeval calls ``np.unique`` on it and silently drops them.
+resample draws, only its accumulation does. So each detection set is matched ONCE (``image_eval``), and the
+resamples are scored together by ``weighted_aps``: pycocotools' ``accumulate`` interpolation with image k
+counted ``weights[k]`` times, vectorised over resamples and bit for bit what it gives for each alone.
+Resampling ``params.imgIds`` with duplicates would be wrong: COCOeval calls ``np.unique`` on it and silently
+drops them.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class CategoryEval:
 class ImageEval:
     """pycocotools' per-image bbox evaluation of one detection set (area "all", maxDets 100), kept as arrays.
 
-    ``weighted_ap(self, weights)`` needs ``weights[k]`` for image ``image_ids[k]`` (ids ascending).
+    ``weighted_ap(self, weights)`` needs ``weights[k]`` for image ``image_ids[k]`` (ids ascending), and
+    ``weighted_aps`` one such row per resample.
     """
 
     image_ids: np.ndarray  # (N,) int64, ascending
@@ -166,6 +168,11 @@ def image_eval(coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: S
                      np.asarray(p.recThrs, dtype=np.float64), tuple(categories))
 
 
+# Resamples that ``weighted_aps`` scores at once. It bounds the memory, mostly the interpolated precisions, rows x
+# IoU thresholds x recall points x categories floats (8 MB for 10 categories); the APs do not depend on it.
+_CHUNK = 100
+
+
 def weighted_ap(ev: ImageEval, weights: np.ndarray | None = None) -> float:
     """COCO AP (mean over IoU thresholds, recall points and categories with ground truth) with image k counted
     ``weights[k]`` times (non-negative integers; None: all 1, which equals pycocotools' ``stats[0]``).
@@ -173,35 +180,124 @@ def weighted_ap(ev: ImageEval, weights: np.ndarray | None = None) -> float:
     This is pycocotools' ``accumulate`` for area "all", maxDets 100, with tp/fp cumulative sums and the
     ground-truth count weighted. It equals pycocotools on a dataset where image k appears ``weights[k]`` times
     under consecutive new ids (see ``paired_bootstrap``). Returns NaN when no weighted image has ground truth.
+    It is ``weighted_aps`` with one row.
     """
     n_img = len(ev.image_ids)
-    w = np.ones(n_img, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = np.ones(n_img) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (n_img,):
         raise DetrqError(f"weights must have shape ({n_img},), got {w.shape}")
-    n_thr, n_rec = len(ev.iou_thrs), len(ev.rec_thrs)
-    precisions = []
-    for cat in ev.categories:
-        npig = float(cat.gt_count @ w)
-        if npig == 0:
-            continue  # pycocotools leaves -1 for a category without ground truth: it does not count
-        q = np.zeros((n_thr, n_rec))
-        if cat.scores.size:
-            wd = w[cat.image_index]
-            tp = np.cumsum(cat.tp * wd, axis=1)
-            fp = np.cumsum(cat.fp * wd, axis=1)
-            rc = tp / npig
-            pr = tp / (fp + tp + np.spacing(1))
-            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope, as pycocotools
-            nd = pr.shape[1]
-            for t in range(n_thr):
-                inds = np.searchsorted(rc[t], ev.rec_thrs, side="left")
-                ok = inds < nd  # recall levels never reached keep precision 0
-                q[t, ok] = pr[t, inds[ok]]
-        precisions.append(q)
-    if not precisions:
-        return float("nan")
-    # Same element order as pycocotools' mean over precision[:, :, k] of the categories that count.
-    return float(np.mean(np.stack(precisions, axis=2)))
+    return float(weighted_aps(ev, w[None])[0])
+
+
+def weighted_aps(ev: ImageEval, weights: np.ndarray, *, chunk: int = _CHUNK) -> np.ndarray:
+    """``weighted_ap`` of each row of the (B, N) ``weights`` (row b counts image k ``weights[b, k]`` times), as a
+    (B,) float64 array: the bootstrap's resamples of one detection set, scored ``chunk`` rows at a time.
+
+    Per category the arrays are (rows, IoU thresholds, kept detections), the kept ones being those that can
+    decide a precision: a true positive or ignored at some threshold. Each AP is the float that pycocotools'
+    ``accumulate`` arithmetic, run on that row alone (cumulative sums over all ranked detections, one
+    ``searchsorted`` per threshold, ``np.mean`` of the stacked precisions), gives, bit for bit, whatever
+    ``chunk``:
+
+    * tp, fp and ground-truth counts are sums of integer weights, exact in float64 in any order. So fp + tp up
+      to a kept detection is the weight of the ranks up to it less that of the ignored ones, and precision
+      tp / (fp + tp + eps) is the same division of the same numbers.
+    * Past a detection that is a false positive at threshold t, tp stays and fp grows, so precision does not
+      rise (division rounds monotonically): the envelope, the maximum precision from a rank on, is reached at a
+      kept detection, and before the first kept one precision is 0. Recall first reaches a level above 0 at a
+      true positive, which is kept; level 0 is reached at rank 0, whose envelope (0 without true positives) is
+      that of the first kept detection. So the interpolated precisions read the same envelope values.
+    * Recall tp / npig takes the values v / npig for integers v <= npig (a true positive matches a counted
+      ground-truth box, each at most once): the number of recall thresholds <= it is found once per value and
+      row, by the same division, and looked up by tp. pycocotools' ``searchsorted(rc, rec_thrs, "left")``
+      counts the detections with rc < rec_thrs[r] (rc is sorted), which are those with fewer than r + 1
+      thresholds <= rc: a histogram of that number, summed up to r.
+    * Each row's AP is ``np.mean`` of a C-contiguous (T, R, categories with ground truth) array, the layout of
+      ``np.stack`` over those categories on axis 2: the same additions in the same order.
+
+    A category none of whose ground truth has weight does not count in that row, as in pycocotools; a row where
+    none has gives NaN.
+    """
+    n_img = len(ev.image_ids)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != n_img:
+        raise DetrqError(f"weights must have shape (B, {n_img}), got {w.shape}")
+    if not np.all((w >= 0) & (w == np.floor(w))):  # the exactness above rests on integer sums
+        raise DetrqError("weights must be non-negative integers (image multiplicities)")
+    if chunk < 1:
+        raise DetrqError(f"chunk must be at least 1, got {chunk}")
+    categories = [_KeptDetections.of(cat) for cat in ev.categories]
+    aps = np.empty(len(w))
+    for start in range(0, len(w), chunk):
+        aps[start:start + chunk] = _chunk_aps(ev, categories, w[start:start + chunk])
+    return aps
+
+
+@dataclass(frozen=True)
+class _KeptDetections:
+    """What ``weighted_aps`` needs of one category: its kept detections (true positives or ignored at some IoU
+    threshold) and, for the weight of all ranks up to each, every ranked detection's image."""
+
+    image_index: np.ndarray  # (D,) int64, as CategoryEval's
+    kept: np.ndarray  # (S,) int64: ranks of the kept detections, ascending
+    run_starts: np.ndarray  # (S,) int64: where the run of ranks ending at each kept detection starts
+    tp: np.ndarray  # (T, S) bool
+    ignored: np.ndarray | None  # (T, S) bool; None when no detection is ignored (crowd-matched)
+    gt_count: np.ndarray  # (N,) float64
+
+    @staticmethod
+    def of(cat: CategoryEval) -> _KeptDetections:
+        ignored = ~(cat.tp | cat.fp)
+        kept = np.flatnonzero(cat.tp.any(axis=0) | ignored.any(axis=0))
+        return _KeptDetections(cat.image_index, kept, np.concatenate([[0], kept + 1])[:-1], cat.tp[:, kept],
+                               ignored[:, kept] if ignored.any() else None, cat.gt_count.astype(np.float64))
+
+
+def _chunk_aps(ev: ImageEval, categories: list[_KeptDetections], w: np.ndarray) -> np.ndarray:
+    """``weighted_aps`` of the rows of ``w`` (float64), all at once."""
+    n_rows, n_thr, n_rec = len(w), len(ev.iou_thrs), len(ev.rec_thrs)
+    q = np.zeros((n_rows, n_thr, n_rec, len(categories)))  # interpolated precision, 0 where recall never reaches
+    counts = np.zeros((n_rows, len(categories)), dtype=bool)  # the category has ground truth in the row
+    for k, cat in enumerate(categories):
+        npig = w @ cat.gt_count
+        rows = np.flatnonzero(npig > 0)  # pycocotools leaves -1 for a category without ground truth: not counted
+        counts[rows, k] = True
+        n, n_kept = rows.size, cat.kept.size
+        if not n or not n_kept:
+            continue
+        wd = w.take(cat.image_index, axis=1)  # (n, D): each ranked detection's weight
+        if n < n_rows:
+            wd, npig = wd[rows], npig[rows]
+        w_kept = wd[:, None, cat.kept]  # (n, 1, S)
+        tp = np.cumsum(cat.tp * w_kept, axis=2)  # (n, T, S), integer-valued
+        # The weight of all ranks up to each kept detection: the runs of ranks that end at one, summed, cumulated.
+        seen = np.cumsum(np.add.reduceat(wd[:, :cat.kept[-1] + 1], cat.run_starts, axis=1), axis=1)[:, None]
+        if cat.ignored is not None:
+            seen = seen - np.cumsum(cat.ignored * w_kept, axis=2)  # now fp + tp
+        pr = tp / (seen + np.spacing(1))
+        env = np.zeros((n, n_thr, n_kept + 1))  # the extra last column: 0 for recall levels never reached
+        env[..., :n_kept] = np.maximum.accumulate(pr[..., ::-1], axis=2)[..., ::-1]  # precision envelope
+        # reached = #{r : rec_thrs[r] <= tp / npig}, per row for each integer tp <= npig, then per detection.
+        lut = np.searchsorted(ev.rec_thrs, np.arange(int(npig.max()) + 1) / npig[:, None], side="right")
+        reached = _take_rows(lut, tp.astype(np.intp).reshape(n, -1)).reshape(n * n_thr, n_kept)
+        # inds[r] = #{rc < rec_thrs[r]} = #{reached <= r}: one bincount over all (row, threshold) pairs.
+        offsets = np.arange(n * n_thr)[:, None] * (n_rec + 1)
+        hist = np.bincount((reached + offsets).ravel(), minlength=n * n_thr * (n_rec + 1))
+        inds = np.cumsum(hist.reshape(n * n_thr, n_rec + 1)[:, :n_rec], axis=1)
+        q[rows, :, :, k] = _take_rows(env.reshape(n * n_thr, -1), inds).reshape(n, n_thr, n_rec)
+    aps = np.full(n_rows, np.nan)  # NaN: no category has ground truth in the row
+    for i in range(n_rows):
+        if counts[i].any():
+            # compress gives a C-contiguous (T, R, K') copy, as np.stack would; q[i][..., mask] is laid out
+            # category-major, and np.mean would add in another order.
+            aps[i] = np.mean(q[i].compress(counts[i], axis=2))
+    return aps
+
+
+def _take_rows(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(table, index, axis=1)`` for 2-D arrays as one flat ``take``, several times faster.
+    Every index must be below ``table.shape[1]``: a larger one would read the next row."""
+    return table.ravel().take(index + table.shape[1] * np.arange(len(table))[:, None])
 
 
 # --- The paired bootstrap --------------------------------------------------------------------------------
@@ -295,4 +391,4 @@ def _label_values(context: tuple[COCO, list[int], np.ndarray], detections: Seque
     full = weighted_ap(ev)
     if np.isnan(full):
         raise DetrqError("no ground truth in image_ids: AP is undefined, nothing to bootstrap")
-    return full, np.array([weighted_ap(ev, w) for w in weights])
+    return full, weighted_aps(ev, weights)
