@@ -211,16 +211,16 @@ def evaluate(
             # The same batches of the same images on the same device, and the same backbone weights.
             key = None if trunk is None else f"{id(dataset)}:{mine}:{batch_size}:{device}:{trunk.key(model)}"
             kept = None if trunk is None else trunk.get(key)
-            made = []
+            made = []  # the features computed here, kept when the cache had none
             for k, (images, targets) in enumerate(tqdm(loader, desc="eval", unit="batch", disable=not progress)):
                 if trunk is None:
                     outputs = model([im.to(device) for im in images])
                 else:
-                    features = kept[k] if kept is not None else model.features([im.to(device) for im in images])
-                    made.append(features)
-                    outputs = model.head(*features)
+                    if kept is None:
+                        made.append(model.features([im.to(device) for im in images]))
+                    outputs = model.head(*(made[k] if kept is None else kept[k]))
                 detections.extend(outputs_to_detections(outputs, targets, postprocess))
-            if trunk is not None and kept is None:
+            if made:
                 trunk.put(key, made)
     finally:
         model.train(was_training)
