@@ -75,12 +75,13 @@ def _evaluate_side_by_side(checkpoint_sha: str, dataset: CocoDetection, jobs: Se
     if len(todo) < 2:
         return
     # Each quantizer travels once per worker (GPTQ's with its Hessians and the codes it has memoised).
-    quantizers = {cache_key(quantizer=job.quantizer.key): job.quantizer for job in todo.values()}
+    quantizers: dict[str, WeightQuantizer] = {}
     # A job is the evaluations whose bit maps quantize the backbone alike: one worker runs them one after another,
     # so the backbone runs once for them (``TrunkCache``); the largest groups go first.
     groups: dict[str, list[tuple]] = {}
     for job in todo.values():
         quantizer = cache_key(quantizer=job.quantizer.key)
+        quantizers.setdefault(quantizer, job.quantizer)
         trunk_bits = {n: b for n, b in job.bit_map.items() if n.startswith(TRUNK_PREFIX)}
         groups.setdefault(cache_key(quantizer=quantizer, bits=trunk_bits), []).append(
             (job.bit_map, str(job.out), job.label, job.keep_detections, quantizer))
