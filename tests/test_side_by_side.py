@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from detrq.artifact.pipeline import Scheme, run_all_traces, traces_path
-from detrq.artifact.workers import EvaluationJob, run_evaluations, run_scheme_traces
+from detrq.artifact.pipeline import Scheme, run_all_traces, run_curvature_check, traces_path
+from detrq.artifact.workers import EvaluationJob, ModelCheck, run_evaluations, run_scheme_traces
 from detrq.data.loading import eval_dataset
 from detrq.evaluation.evaluate import TRUNK_PREFIX, TrunkCache, evaluate
 from detrq.io.errors import DetrqError
@@ -16,6 +16,7 @@ from detrq.parallel.launch import Launch
 from detrq.parallel.pool import WorkerError, run_jobs
 from detrq.quant.bitmaps import quantized, uniform_bit_map
 from detrq.sensitivity import TraceSettings
+from detrq.sensitivity.stability import loss_stability
 from worlds import tiny_world
 
 torch.set_num_threads(1)
@@ -141,6 +142,40 @@ def test_traces_side_by_side_equal_one_process(world, tmp_path):
                 assert est["trace"] == pytest.approx(b["layers"][layer]["trace"], rel=1e-4, abs=1e-9)
     written = json.loads(traces_path(tmp_path / "side", "out-float", 1).read_text())
     assert written["settings"]["seed"] == settings.seed + 1
+
+
+def test_checks_beside_the_trace_estimates_equal_their_own_run(world, tmp_path):
+    """The stability and curvature checks handed to ``run_scheme_traces`` are computed in its workers, and their
+    ``run`` then reads the files; a check already cached is not handed to a worker again."""
+    root, model, sha, launch = world
+    data = root / "data"
+    settings = TraceSettings(num_images=4, batch_size=2, max_probes=2, min_probes=2, probes_per_pass=2)
+    schemes = [Scheme("loss", "fisher", variant=True)]
+
+    def checks(folder):
+        return [ModelCheck(loss_stability, folder / "stability.json", {"num_sets": 3, "set_size": 4}),
+                ModelCheck(run_curvature_check, folder / "curvature.json", {"num_images": 4, "probes": 2,
+                                                                             "batch_size": 2})]
+
+    side = checks(tmp_path / "side")
+    assert [c.run(model, sha, data, "train", cached_only=True) for c in side] == [None, None]
+    run_scheme_traces(model, sha, data, "train", tmp_path / "side", settings, schemes, launch=launch, checks=side)
+    assert all(c.out.is_file() for c in side)
+    one = checks(tmp_path / "one")
+    got, alone = [[c.run(model, sha, data, "train", cached_only=True) for c in side]] + [
+        [c.run(model, sha, data, "train") for c in one]]
+    assert [r["cache_key"] for r in got] == [r["cache_key"] for r in alone]
+    assert got[0]["set_losses"] == pytest.approx(alone[0]["set_losses"], rel=1e-5)
+    for point, terms in alone[1]["points"].items():
+        for term, est in terms.items():
+            assert got[1]["points"][point][term]["trace"] == pytest.approx(est["trace"], rel=1e-4, abs=1e-9)
+    written = {c.out: c.out.stat().st_mtime_ns for c in side}
+    (tmp_path / "side" / "stability.json").unlink()
+    # One job left (the stability check; the traces and the curvature check are cached): no workers, nothing
+    # computed; the caller's ``run`` computes it.
+    run_scheme_traces(model, sha, data, "train", tmp_path / "side", settings, schemes, launch=launch, checks=side)
+    assert not side[0].out.exists()
+    assert side[1].out.stat().st_mtime_ns == written[side[1].out]
 
 
 

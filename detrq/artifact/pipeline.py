@@ -499,12 +499,13 @@ def read_allocations(results_dir: str | Path, avg_bits: float, names: Iterable[s
 
 def run_curvature_check(model: DETR, checkpoint_sha: str, root: str | Path, split: str, out: str | Path, *,
                         num_images: int, probes: int, image_seed: int = 0, seed: int = 0, batch_size: int = 10,
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str = "cpu", cached_only: bool = False) -> dict[str, Any] | None:
     """Footnote 1's claim, measured: Hutchinson traces of Eq. (5)'s terms at float and at uniform 8-bit weights.
 
     At float weights the L1 term's Hessian is exactly 0 and the KL term carries all of Out Sen Float's
     curvature (see ``hessian.distillation_term_traces``). Uses a class-balanced sample of ``num_images`` drawn
     as the Hessian set is (seed ``image_seed``). Writes ``{"points": {"float"|"8bit": {term: total_trace(...)}}}``.
+    ``cached_only``: return None instead of computing when ``out`` does not hold this result.
     """
     full = eval_dataset(model, root, split)
     image_ids = class_balanced_subset(full, num_images, image_seed)
@@ -512,7 +513,7 @@ def run_curvature_check(model: DETR, checkpoint_sha: str, root: str | Path, spli
                     seed=seed, batch_size=batch_size, transform=full.transform.describe(),
                     layers=list(quantizable_layers(model)))
     cached = load_cached(out, key)
-    if cached is not None:
+    if cached is not None or cached_only:
         return cached
     batches = hessian_batches(eval_dataset(model, root, split, image_ids=image_ids), batch_size, device)
     points = {}

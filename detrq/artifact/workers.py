@@ -1,6 +1,6 @@
 """Pipeline steps whose jobs run side by side: a ``Launch`` with ``workers`` > 1 computes the uncached evaluations
-and trace estimates of a step in that many processes (``parallel.pool``: one thread each), and the step then reads
-them as cache hits.
+and trace estimates of a step in that many processes (``parallel.pool``: one thread each), with the cached checks
+on the float model that the step makes beside them (``ModelCheck``), and the step then reads them as cache hits.
 
 Each job is the pipeline's own call (``run_evaluation``, ``run_traces``) writing the file it always writes, so the
 files, their keys and the later cache hits are those of a run in one process; only the thread count of the
@@ -11,8 +11,8 @@ once: the others become copies (``pipeline.run_evaluation``'s twins). A step wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +117,34 @@ def _evaluate_group(context: tuple, group: list[tuple]) -> None:
                        label=label, keep_detections=keep_detections, quantizer=quantizers[quantizer], trunk=trunk)
 
 
+@dataclass(frozen=True)
+class ModelCheck:
+    """A cached computation on the float model, ``fn(model, checkpoint_sha, root, split, out, **kwargs)``, that a
+    step can run beside its trace estimates: ``stability.loss_stability`` or ``pipeline.run_curvature_check``.
+    ``fn`` takes ``device`` and ``cached_only`` (return None unless ``out`` already holds the result)."""
+
+    fn: Callable[..., dict[str, Any] | None]
+    out: Path
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, model: DETR, checkpoint_sha: str, root: str | Path, split: str, *, device: str = "cpu",
+            cached_only: bool = False) -> dict[str, Any] | None:
+        """The check's result, computed and written to ``out`` unless cached (or None: ``cached_only``)."""
+        return self.fn(model, checkpoint_sha, root, split, self.out, device=device, cached_only=cached_only,
+                       **self.kwargs)
+
+
 def run_scheme_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
                       settings: TraceSettings, schemes: Sequence[Scheme], *, seeds: int = 1, device: str = "cpu",
-                      launch: Launch = Launch(), progress: bool = False) -> list[dict[str, dict[str, Any]]]:
+                      launch: Launch = Launch(), progress: bool = False, checks: Sequence[ModelCheck] = ()
+                      ) -> list[dict[str, dict[str, Any]]]:
     """``pipeline.run_all_traces`` for probe seeds ``settings.seed + k``, k < ``seeds`` (k > 0: the stochastic
     schemes' replicas); one ``{scheme name: result}`` per seed. With ``launch.workers`` > 1 the uncached estimates
-    run side by side first, the longest first."""
+    run side by side first, the longest first, and the uncached ``checks`` with them (their results are then cache
+    hits of ``ModelCheck.run``); otherwise the checks are left to the caller's ``run``."""
     if launch.workers > 1:
         _traces_side_by_side(model, checkpoint_sha, root, split, results_dir, settings, schemes, seeds, launch,
-                             progress)
+                             progress, checks)
     return [run_all_traces(model, checkpoint_sha, root, split, results_dir, settings, schemes, replica=k,
                            device=device, progress=progress, launch=Launch() if launch.workers > 1 else launch)
             for k in range(seeds)]
@@ -133,7 +152,7 @@ def run_scheme_traces(model: DETR, checkpoint_sha: str, root: str | Path, split:
 
 def _traces_side_by_side(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
                          settings: TraceSettings, schemes: Sequence[Scheme], seeds: int, launch: Launch,
-                         progress: bool) -> None:
+                         progress: bool, checks: Sequence[ModelCheck]) -> None:
     full = eval_dataset(model, root, split)
     items = []
     for k in range(seeds):
@@ -147,16 +166,24 @@ def _traces_side_by_side(model: DETR, checkpoint_sha: str, root: str | Path, spl
                 items.append((s, scheme_settings, str(out), sources.get(s.name)))
     # A first-order job computes the Out Sen Float file it takes its KL term from: that file is not a job of its own.
     made_by_first_order = {source for *_, source in items if source is not None}
-    items = [item for item in items if item[2] not in made_by_first_order]
-    if len(items) < 2:
+    # A job is (relative cost, function, its arguments after the model's four, its keywords).
+    jobs = [(_relative_cost(s), run_traces, (s.metric, out, st), {"kl_source": source, "progress": False})
+            for s, st, out, source in items if out not in made_by_first_order]
+    jobs += [(_CHECK_COST, check.fn, (str(check.out),), check.kwargs) for check in checks
+             if check.run(model, checkpoint_sha, root, split, device=launch.device, cached_only=True) is None]
+    if len(jobs) < 2:
         return
-    items.sort(key=lambda item: -_relative_cost(item[0]))
-    run_jobs(launch.workers, _traces_worker, (launch, checkpoint_sha, str(root), split),
-             _traces_job, [(s.metric, st, out, source) for s, st, out, source in items], desc="trace estimates",
-             unit="estimate", progress=progress)
+    jobs.sort(key=lambda job: -job[0])
+    run_jobs(launch.workers, _model_worker, (launch, checkpoint_sha, str(root), split),
+             _model_job, [job[1:] for job in jobs], desc="trace estimates and checks", unit="job", progress=progress)
 
 
-def _relative_cost(scheme: Scheme) -> int:
+# The stability and curvature checks take 5-15 s on the embedded default: between the probe-based estimates and
+# the probe-free ones.
+_CHECK_COST = 0.5
+
+
+def _relative_cost(scheme: Scheme) -> float:
     """Which estimates take longest (the order of magnitude measured on the embedded default), so that they start
     first and the last job to finish is a short one."""
     if scheme.metric == MODELOPT or scheme.estimator == "fisher":
@@ -164,11 +191,11 @@ def _relative_cost(scheme: Scheme) -> int:
     return 2 if scheme.estimator == "blockwise" or scheme.metric == FIRST_ORDER else 1
 
 
-def _traces_worker(launch: Launch, checkpoint_sha: str, root: str, split: str) -> tuple:
+def _model_worker(launch: Launch, checkpoint_sha: str, root: str, split: str) -> tuple:
     return _worker_model(launch, checkpoint_sha), checkpoint_sha, root, split, launch.device
 
 
-def _traces_job(context: tuple, item: tuple) -> None:
+def _model_job(context: tuple, job: tuple) -> None:
     model, sha, root, split, device = context
-    metric, settings, out, kl_source = item
-    run_traces(model, sha, root, split, metric, out, settings, device=device, progress=False, kl_source=kl_source)
+    fn, args, kwargs = job
+    fn(model, sha, root, split, *args, device=device, **kwargs)

@@ -46,18 +46,20 @@ def set_statistics(set_losses: list[float], threshold: float = THRESHOLD) -> dic
 
 
 def loss_stability(model: DETR, checkpoint_sha: str, root: str | Path, split: str, out: str | Path, *,
-                   num_sets: int = 10, set_size: int = 100, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+                   num_sets: int = 10, set_size: int = 100, seed: int = 0, device: str = "cpu",
+                   cached_only: bool = False) -> dict[str, Any] | None:
     """The training loss of the float ``model`` on ``num_sets`` class-balanced sets of ``set_size`` images.
 
     Writes and returns ``set_statistics(...)`` plus the sets' image ids, cached by everything that determines
-    it. Each image's loss is computed once even when it belongs to several sets.
+    it. Each image's loss is computed once even when it belongs to several sets. ``cached_only``: return None
+    instead of computing when ``out`` does not hold this result.
     """
     full = eval_dataset(model, root, split)
     sets = [class_balanced_subset(full, set_size, seed + k) for k in range(num_sets)]
     key = cache_key(kind="stability", checkpoint=checkpoint_sha, split=split, sets=sets,
                     transform=full.transform.describe())
     cached = load_cached(out, key)
-    if cached is not None:
+    if cached is not None or cached_only:
         return cached
     criterion = build_criterion(model.cfg.num_classes, model.cfg.dec_layers).to(device)
     unique = sorted({i for s in sets for i in s})
