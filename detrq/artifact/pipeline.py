@@ -432,20 +432,26 @@ def kl_sources(schemes: Iterable[Scheme], settings: TraceSettings, results_dir: 
             if s.metric == FIRST_ORDER and s.settings(settings, replica) in float_files}
 
 
+def replica_schemes(schemes: Iterable[Scheme], replica: int) -> list[Scheme]:
+    """The schemes estimated again for probe-seed replica ``replica``: all of them for 0, the stochastic ones
+    (``Scheme.stochastic``) after; a deterministic estimate would only repeat itself."""
+    return [s for s in schemes if replica == 0 or s.stochastic]
+
+
 def run_all_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,
                    settings: TraceSettings, schemes: Iterable[Scheme], *, replica: int = 0, device: str = "cpu",
                    progress: bool = False, launch: Launch = Launch()) -> dict[str, dict[str, Any]]:
     """``run_traces`` for each scheme (its estimator) on the same Hessian image set; ``{scheme name: result}``.
 
-    ``replica`` k > 0 reruns every stochastic scheme (``Scheme.stochastic``) with probe seed ``settings.seed + k``
-    into its own files; the deterministic ones have no replicas and are left out.
+    ``replica`` k > 0 reruns the stochastic schemes (``replica_schemes``) with probe seed ``settings.seed + k``
+    into their own files.
     """
     sources = kl_sources(schemes, settings, results_dir, replica)
     return {s.name: run_traces(model, checkpoint_sha, root, split, s.metric, traces_path(results_dir, s.name, replica),
                                s.settings(settings, replica), device=device, progress=progress,
                                launch=Launch() if s.metric == MODELOPT else launch,  # ModelOpt: one process
                                kl_source=sources.get(s.name))
-            for s in schemes if replica == 0 or s.stochastic}
+            for s in replica_schemes(schemes, replica)}
 
 
 def quantizer_traces(model: DETR, checkpoint_sha: str, root: str | Path, split: str, results_dir: str | Path,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detrq.artifact.pipeline import (Scheme, evaluation_folders, evaluation_key, kl_sources, run_all_traces,
-                                     run_evaluation, run_traces, serves, traces_key, traces_path)
+from detrq.artifact.pipeline import (Scheme, evaluation_folders, evaluation_key, kl_sources, replica_schemes,
+                                     run_all_traces, run_evaluation, run_traces, serves, traces_key, traces_path)
 from detrq.data.coco import CocoDetection
 from detrq.data.loading import eval_dataset
 from detrq.evaluation.evaluate import TRUNK_PREFIX, TrunkCache
@@ -157,9 +157,7 @@ def _traces_side_by_side(model: DETR, checkpoint_sha: str, root: str | Path, spl
     items = []
     for k in range(seeds):
         sources = {n: str(p) for n, p in kl_sources(schemes, settings, results_dir, k).items()}
-        for s in schemes:
-            if k and not s.stochastic:
-                continue
+        for s in replica_schemes(schemes, k):
             out, scheme_settings = traces_path(results_dir, s.name, k), s.settings(settings, k)
             key, _ = traces_key(model, checkpoint_sha, full, s.metric, scheme_settings)
             if load_cached(out, key, check=check_traces) is None:
