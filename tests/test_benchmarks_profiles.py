@@ -1,5 +1,6 @@
 """The benchmarks of issue 24's run profiles: benchmarks/full_run_estimate.py counts each profile's work from its
-values (params/full.yaml), and benchmarks/reproduce_time.py prints its timing table. Fast: no model is built, no
+values (params/full.yaml), benchmarks/reproduce_time.py prints its timing table and benchmarks/replica_evidence.py
+cuts replicas from one seed's samples. Fast: no model is built, no
 notebook runs."""
 
 import importlib.util
@@ -116,3 +117,21 @@ def test_reproduce_time_runs_each_notebook_into_the_temporary_directory(rt, tmp_
     assert rt.run_step([sys.executable, "-c", "pass"]) >= 0
     with pytest.raises(SystemExit):
         rt.run_step([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_replicas_cut_from_one_seed_are_its_samples_in_disjoint_runs():
+    """benchmarks/replica_evidence.py: one run of all the samples is the committed estimate; three runs are
+    estimates whose means average back to it (equal runs), each from its own third of the probes."""
+    import json
+
+    rep = _load("replica_evidence")
+    traces = json.loads((ROOT / "results" / "traces" / "traces_out-first-order.json").read_text())
+    whole = rep.split_replica(traces, 0, 1)
+    thirds = [rep.split_replica(traces, g, 3) for g in range(3)]
+    for name, entry in traces["layers"].items():
+        assert whole["layers"][name]["kl"]["trace"] == pytest.approx(entry["kl"]["trace"], rel=1e-12)
+        assert whole["layers"][name]["jacobian"]["sum"] == pytest.approx(entry["jacobian"]["sum"], rel=1e-12)
+        parts = [t["layers"][name]["kl"] for t in thirds]
+        assert [p["n_probes"] for p in parts] == [entry["kl"]["n_probes"] // 3] * 3
+        assert sum((p["samples"] for p in parts), []) == entry["kl"]["samples"][:3 * parts[0]["n_probes"]]
+        assert sum(p["trace"] for p in parts) / 3 == pytest.approx(entry["kl"]["trace"], rel=1e-9)
