@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from detrq.artifact.pipeline import read_all_traces
+from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT
 from detrq.io.results import read_json
 from detrq.models.loading import load_model
@@ -101,7 +102,7 @@ def main() -> None:
                                     for g in range(args.groups)])
     probes = {s: next(iter(seeds[0][s]["layers"].values())) for s in GGN_SCHEMES}
     probes = {s: (e if "samples" in e else e["kl"])["n_probes"] for s, e in probes.items()}
-    print(f"bit-map agreement (worst pair) and ILP objective spread over {3} replicas, targets "
+    print(f"bit-map agreement (worst pair) and ILP objective spread over 3 replicas, targets "
           f"{', '.join(f'{t:g}' for t in targets)} bits; split: each of seed k's {args.groups} runs of "
           f"consecutive probes ({', '.join(f'{s} {p // args.groups} of {p}' for s, p in probes.items())})")
     print("| scheme | replicas | " + " | ".join(f"{t:g} bits: agreement, spread" for t in targets)
@@ -120,4 +121,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DetrqError as err:
+        raise SystemExit(f"error: {err}") from None
