@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from detrq.artifact.pipeline import read_all_traces
+from detrq.artifact.pipeline import read_all_traces, run_allocation
 from detrq.io.errors import DetrqError
 from detrq.io.paths import PROJECT_ROOT
 from detrq.io.results import read_json
 from detrq.models.loading import load_model
-from detrq.quant.allocate import allocate_bits, paper_bits_range
-from detrq.quant.bitmaps import average_bits, quantizable_layers
+from detrq.quant.allocate import paper_bits_range
+from detrq.quant.bitmaps import quantizable_layers
 from detrq.sensitivity.convergence import seed_stability
-from detrq.sensitivity.costs import cost_table
 from detrq.sensitivity.estimates import TraceEstimate
-from detrq.sensitivity.first_order import _row_norm_sum
+from detrq.sensitivity.first_order import row_norm_sum
 
 GGN_SCHEMES = ("out-float", "out-first-order", "out-quant-ggn")
 
@@ -48,7 +48,7 @@ def _cut(entry: Mapping[str, Any], part: int, groups: int) -> dict[str, Any]:
     size = len(samples) // groups
     share = samples[part * size:(part + 1) * size]
     if "n_rows" in entry:
-        return _row_norm_sum(TraceEstimate.from_samples(share, 1), entry["n_rows"], entry["estimator"])
+        return row_norm_sum(TraceEstimate.from_samples(share, 1), entry["n_rows"], entry["estimator"])
     return TraceEstimate.from_samples(share, entry["numel"]).to_dict()
 
 
@@ -63,17 +63,12 @@ def split_replica(traces: Mapping[str, Any], part: int, groups: int) -> dict[str
     return out
 
 
-def allocations(traces: Mapping[str, Any], weights: Mapping[str, Any], targets: Sequence[float], negative: str,
-                time_limit: float) -> dict[float, dict[str, Any]]:
-    """Notebook 02's ILP for one traces result at each target, without its cache or files."""
-    numel = {n: w.numel() for n, w in weights.items()}
-    out = {}
-    for target in targets:
-        omega = cost_table(traces, weights, paper_bits_range(target), negative)
-        bit_map = allocate_bits(omega, numel, target, time_limit=time_limit)
-        out[target] = {"bit_map": bit_map, "avg_bits": average_bits(bit_map, numel),
-                       "objective": sum(omega[n][b] for n, b in bit_map.items())}
-    return out
+def allocations(model: Any, traces: Mapping[str, Any], targets: Sequence[float], negative: str, time_limit: float,
+                folder: Path) -> dict[float, dict[str, Any]]:
+    """Notebook 02's ILP (``pipeline.run_allocation``) for one traces result at each target, into ``folder``, which
+    must be empty: a cut replica keeps its seed's cache key, so an earlier file would be a false cache hit."""
+    return {t: run_allocation(model, traces, t, paper_bits_range(t), folder / f"{t:g}bit.json",
+                              negative_traces=negative, time_limit=time_limit) for t in targets}
 
 
 def main() -> None:
@@ -86,23 +81,25 @@ def main() -> None:
     args = parser.parse_args()
     results = PROJECT_ROOT / Path(args.results)
     model, sha = load_model("mini", PROJECT_ROOT / args.checkpoint, "cpu")
-    layers = quantizable_layers(model)
-    targets = [float(t) for t in read_json(results / "bitmaps" / "seed_stability.json")["targets"]]
-    seeds = [read_all_traces(results, sha, GGN_SCHEMES, replica=k) for k in range(3)]
-    weights = {n: layers[n].detach() for n in seeds[0][GGN_SCHEMES[0]]["layers"]}
-    numel = {n: w.numel() for n, w in weights.items()}
+    numel = {n: p.numel() for n, p in quantizable_layers(model).items()}
+    committed = read_json(results / "bitmaps" / "seed_stability.json")
+    targets = [float(t) for t in committed["targets"]]
+    seeds = [read_all_traces(results, sha, GGN_SCHEMES, replica=k) for k in range(committed["seeds"])]
+    with tempfile.TemporaryDirectory(prefix="replica_evidence_") as scratch:
 
-    def check(replicas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return seed_stability([{s: allocations(r[s], weights, targets, args.negative_traces, args.time_limit)
-                                for s in GGN_SCHEMES} for r in replicas], numel)
+        def check(replicas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+            folder = Path(tempfile.mkdtemp(dir=scratch))
+            return seed_stability([{s: allocations(model, r[s], targets, args.negative_traces, args.time_limit,
+                                                   folder / f"{k}_{s}")
+                                    for s in GGN_SCHEMES} for k, r in enumerate(replicas)], numel)
 
-    rows = {"seeds": check(seeds)}
-    for k, replica in enumerate(seeds):
-        rows[f"split {k}"] = check([{s: split_replica(replica[s], g, args.groups) for s in GGN_SCHEMES}
-                                    for g in range(args.groups)])
-    probes = {s: next(iter(seeds[0][s]["layers"].values())) for s in GGN_SCHEMES}
-    probes = {s: (e if "samples" in e else e["kl"])["n_probes"] for s, e in probes.items()}
-    print(f"bit-map agreement (worst pair) and ILP objective spread over 3 replicas, targets "
+        rows = {"seeds": check(seeds)}
+        for k, replica in enumerate(seeds):
+            rows[f"split {k}"] = check([{s: split_replica(replica[s], g, args.groups) for s in GGN_SCHEMES}
+                                        for g in range(args.groups)])
+    first = {s: next(iter(seeds[0][s]["layers"].values())) for s in GGN_SCHEMES}
+    probes = {s: e.get("kl", e)["n_probes"] for s, e in first.items()}
+    print(f"bit-map agreement (worst pair) and ILP objective spread over {len(seeds)} replicas, targets "
           f"{', '.join(f'{t:g}' for t in targets)} bits; split: each of seed k's {args.groups} runs of "
           f"consecutive probes ({', '.join(f'{s} {p // args.groups} of {p}' for s, p in probes.items())})")
     print("| scheme | replicas | " + " | ".join(f"{t:g} bits: agreement, spread" for t in targets)
@@ -114,9 +111,9 @@ def main() -> None:
             print(f"| {scheme} | {label} | "
                   + " | ".join(f"{c['min_agreement']:.3f}, {c['objective_spread']:.3f}" for c in cells)
                   + f" | {result['stable'][scheme]} |")
-    seconds = {s: sum(read_json(results / "traces" / f"traces_{s}_seed{k}.json")["seconds"] for k in (1, 2))
-               for s in GGN_SCHEMES}
-    print("seconds the committed replicas (seeds 1, 2) took to estimate: "
+    seconds = {s: sum(read_json(results / "traces" / f"traces_{s}_seed{k}.json")["seconds"]
+                      for k in range(1, len(seeds))) for s in GGN_SCHEMES}
+    print("seconds the committed replicas (seeds after 0) took to estimate: "
           + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items()) + f"; in all {sum(seconds.values()):.0f}")
 
 

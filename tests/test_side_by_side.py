@@ -162,8 +162,8 @@ def test_checks_beside_the_trace_estimates_equal_their_own_run(world, tmp_path):
     run_scheme_traces(model, sha, data, "train", tmp_path / "side", settings, schemes, launch=launch, checks=side)
     assert all(c.out.is_file() for c in side)
     one = checks(tmp_path / "one")
-    got, alone = [[c.run(model, sha, data, "train", cached_only=True) for c in side]] + [
-        [c.run(model, sha, data, "train") for c in one]]
+    got = [c.run(model, sha, data, "train", cached_only=True) for c in side]
+    alone = [c.run(model, sha, data, "train") for c in one]
     assert [r["cache_key"] for r in got] == [r["cache_key"] for r in alone]
     assert got[0]["set_losses"] == pytest.approx(alone[0]["set_losses"], rel=1e-5)
     for point, terms in alone[1]["points"].items():

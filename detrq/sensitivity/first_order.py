@@ -91,10 +91,12 @@ def jacobian_row_norm_sums(model: nn.Module, image_batches: Sequence[list[Tensor
     fixed = replace(settings, max_probes=settings.jacobian_probes, min_probes=settings.jacobian_probes)
     estimates = probe_loop(draw, names, [t.numel() for t in tensors], fixed, desc=f"jacobian {settings.jacobian}",
                            progress=progress)
-    return {n: _row_norm_sum(e, n_rows, settings.jacobian) for n, e in estimates.items()}
+    return {n: row_norm_sum(e, n_rows, settings.jacobian) for n, e in estimates.items()}
 
 
-def _row_norm_sum(e: TraceEstimate, n_rows: int, estimator: str) -> dict[str, Any]:
+def row_norm_sum(e: TraceEstimate, n_rows: int, estimator: str) -> dict[str, Any]:
+    """``S_l`` and its stderr from the per-probe samples ``e`` of one layer: their mean for ``rows``, and for
+    ``cauchy-schwarz`` ``sqrt(n_rows * sum_i ||J_{i,l}||^2)`` with the stderr carried through the square root."""
     if estimator == "rows":
         total, stderr = e.trace, e.stderr
     else:
